@@ -1,0 +1,137 @@
+"""Small shared helpers: atomic writes, run summaries, seeding, device choice, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("clam_mcmkd")
+
+
+class ClamMcmkdError(Exception):
+    """An error the user can fix; the CLI prints it as one line, without a traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    A killed process therefore never leaves a half-written file under the final name, which is
+    what resume logic trusts ("the file exists" == "the file is complete").
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            pass
+    return obj
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Save a config dataclass as JSON next to the outputs it produced."""
+    atomic_write_text(path, json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None) means CUDA when available, else CPU."""
+    if device in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a batch job did: per-item status plus totals, printed and written at the end."""
+
+    stage: str
+    done: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.time)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return time.time() - self.started
+
+    def fail(self, item: str, error: BaseException | str) -> None:
+        msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.failed[item] = msg
+        log.warning("%s: %s failed: %s", self.stage, item, msg)
+
+    def line(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.extra.items())
+        return (
+            f"{self.stage}: {len(self.done)} done, {len(self.skipped)} skipped, "
+            f"{len(self.failed)} failed in {self.seconds:.1f}s{extra}"
+        )
+
+    def write(self, path: str | os.PathLike) -> None:
+        data = to_jsonable(self)
+        data["seconds"] = round(self.seconds, 3)
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm progress bar that stays quiet when stderr is not a terminal unless forced."""
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 1.0)
+    kwargs.setdefault("disable", os.environ.get("CLAM_MCMKD_NO_PROGRESS") == "1")
+    return tqdm(iterable, **kwargs)
