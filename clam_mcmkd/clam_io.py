@@ -187,7 +187,8 @@ def write_features(
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if features.ndim != 2 or len(features) != len(coords):
         raise ClamFormatError(
-            slide_id, f"features {features.shape} and coords {coords.shape} do not match row for row"
+            slide_id,
+            f"features {features.shape} and coords {coords.shape} do not match row for row",
         )
     if not np.isfinite(features).all():
         raise ClamFormatError(slide_id, "features contain NaN or Inf")
@@ -232,7 +233,9 @@ def read_features(
         try:
             with h5py.File(path, "r") as f:
                 if "features" not in f:
-                    raise ClamFormatError(path, f"no 'features' dataset (found: {sorted(f.keys())})")
+                    raise ClamFormatError(
+                        path, f"no 'features' dataset (found: {sorted(f.keys())})"
+                    )
                 feats = np.asarray(f["features"][:], dtype=np.float32)
                 if "coords" in f:
                     coords = np.asarray(f["coords"][:])
@@ -387,7 +390,9 @@ def read_splits(split_dir: str | os.PathLike, k: int) -> dict[str, list[str]]:
     missing = [key for key in ("train", "val", "test") if key not in df.columns]
     if missing:
         raise ClamFormatError(path, f"missing split column(s) {missing}")
-    out = {key: [slide_id_of(s) for s in df[key].dropna().tolist()] for key in ("train", "val", "test")}
+    out = {
+        key: [slide_id_of(s) for s in df[key].dropna().tolist()] for key in ("train", "val", "test")
+    }
     seen: dict[str, str] = {}
     for key, ids in out.items():
         for s in ids:
@@ -403,11 +408,15 @@ def read_splits(split_dir: str | os.PathLike, k: int) -> dict[str, list[str]]:
 SUMMARY_COLUMNS = ("folds", "test_auc", "val_auc", "test_acc", "val_acc")
 
 
-def write_summary(results_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], name: str = "summary.csv") -> Path:
+def write_summary(
+    results_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], name: str = "summary.csv"
+) -> Path:
     """CLAM's ``summary.csv`` (pandas index kept, as CLAM's main.py writes it)."""
     import pandas as pd
 
-    df = pd.DataFrame([{c: row[c] for c in SUMMARY_COLUMNS} for row in rows], columns=list(SUMMARY_COLUMNS))
+    df = pd.DataFrame(
+        [{c: row[c] for c in SUMMARY_COLUMNS} for row in rows], columns=list(SUMMARY_COLUMNS)
+    )
     path = Path(results_dir) / name
     with atomic_path(path) as tmp:
         df.to_csv(tmp)

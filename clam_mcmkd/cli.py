@@ -39,7 +39,9 @@ def _device_option():
     return option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="clam-mcmkd")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:
@@ -57,8 +59,12 @@ def main(verbose: int) -> None:
           --results-dir RESULTS --exp-code mcmkd
     """
     level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("clam_mcmkd").setLevel(max(logging.INFO - 10 * max(verbose - 1, 0), logging.DEBUG))
+    logging.basicConfig(
+        level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("clam_mcmkd").setLevel(
+        max(logging.INFO - 10 * max(verbose - 1, 0), logging.DEBUG)
+    )
 
 
 def run() -> None:  # pragma: no cover - console entry alias

@@ -15,7 +15,7 @@ A name maps to a builder returning :class:`Encoder` ``(model, transforms, out_di
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -100,12 +100,18 @@ class TimmCNNEncoder(nn.Module):
     Attribute names match CLAM's class so state dicts are interchangeable.
     """
 
-    def __init__(self, model_name: str = "resnet50.tv_in1k", out_indices=(3,), pretrained=True, pool=True):
+    def __init__(
+        self, model_name: str = "resnet50.tv_in1k", out_indices=(3,), pretrained=True, pool=True
+    ):
         super().__init__()
         import timm
 
         self.model = timm.create_model(
-            model_name, features_only=True, out_indices=tuple(out_indices), pretrained=pretrained, num_classes=0
+            model_name,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            pretrained=pretrained,
+            num_classes=0,
         )
         self.pool = nn.AdaptiveAvgPool2d(1) if pool else None
         self.out_dim = int(self.model.feature_info.channels()[-1])
@@ -184,7 +190,9 @@ def create_encoder(
     with _seeded(init_seed):
         if init_seed is not None:
             torch.manual_seed(init_seed)
-        encoder = builder(pretrained=pretrained, ckpt=ckpt, target_img_size=target_img_size, **kwargs)
+        encoder = builder(
+            pretrained=pretrained, ckpt=ckpt, target_img_size=target_img_size, **kwargs
+        )
     encoder.model.eval()
     return encoder
 
@@ -218,12 +226,18 @@ def _build_uni(pretrained=True, ckpt=None, target_img_size=224, **_):
     if pretrained and not ckpt:
         raise EncoderError("uni_v1 needs its checkpoint: set UNI_CKPT_PATH (or pass --ckpt)")
     model = timm.create_model(
-        "vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5, num_classes=0,
+        "vit_large_patch16_224",
+        img_size=224,
+        patch_size=16,
+        init_values=1e-5,
+        num_classes=0,
         dynamic_img_size=True,
     )
     if pretrained:
         _load_state_dict(model, ckpt, strict=True)
-    return Encoder(TimmPooledEncoder(model), PatchTransforms(target_img_size), int(model.num_features))
+    return Encoder(
+        TimmPooledEncoder(model), PatchTransforms(target_img_size), int(model.num_features)
+    )
 
 
 def _timm_builder(name: str) -> Builder:
@@ -231,7 +245,9 @@ def _timm_builder(name: str) -> Builder:
         import timm
 
         try:
-            model = timm.create_model(name, pretrained=pretrained and ckpt is None, num_classes=0, **kwargs)
+            model = timm.create_model(
+                name, pretrained=pretrained and ckpt is None, num_classes=0, **kwargs
+            )
         except RuntimeError as err:
             if "Unknown model" in str(err) or "not found" in str(err).lower():
                 raise EncoderError(
@@ -239,7 +255,9 @@ def _timm_builder(name: str) -> Builder:
                 ) from err
             raise
         except Exception as err:  # noqa: BLE001 - download/network failures
-            raise EncoderError(f"cannot build encoder '{name}' ({type(err).__name__}: {err})") from err
+            raise EncoderError(
+                f"cannot build encoder '{name}' ({type(err).__name__}: {err})"
+            ) from err
         if ckpt is not None:
             _load_state_dict(model, ckpt)
         cfg = timm.data.resolve_data_config({}, model=model)
@@ -290,7 +308,9 @@ def save_student_checkpoint(
     from .utils import atomic_path, to_jsonable
 
     if arch not in STUDENT_ARCHS:
-        raise EncoderError(f"unknown student architecture '{arch}' (choices: {sorted(STUDENT_ARCHS)})")
+        raise EncoderError(
+            f"unknown student architecture '{arch}' (choices: {sorted(STUDENT_ARCHS)})"
+        )
     payload = {
         "format": CHECKPOINT_FORMAT,
         "arch": arch,
@@ -327,7 +347,9 @@ def read_student_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-@register_encoder("mcmkd_resnet50", "MCM-KD fine-tuned ResNet-50 trunc from --ckpt / MCMKD_CKPT_PATH")
+@register_encoder(
+    "mcmkd_resnet50", "MCM-KD fine-tuned ResNet-50 trunc from --ckpt / MCMKD_CKPT_PATH"
+)
 def _build_mcmkd(pretrained=True, ckpt=None, target_img_size=224, **_):
     ckpt = ckpt or os.environ.get(MCMKD_CKPT_ENV)
     if not ckpt:
@@ -341,7 +363,9 @@ def _build_mcmkd(pretrained=True, ckpt=None, target_img_size=224, **_):
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         raise EncoderError(f"{ckpt}: student weights do not fit {payload['arch']} ({err})") from err
-    transforms = PatchTransforms(int(payload["input_size"]), tuple(payload["mean"]), tuple(payload["std"]))
+    transforms = PatchTransforms(
+        int(payload["input_size"]), tuple(payload["mean"]), tuple(payload["std"])
+    )
     return Encoder(model, transforms, int(payload["out_dim"]))
 
 
@@ -355,5 +379,3 @@ def encoder_flops_params(encoder: Encoder, device: str = "cpu") -> dict[str, flo
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         encoder.model.to(device)(x)
     return {"params_m": params, "gflops_per_patch": counter.get_total_flops() / 1e9}
-
-

@@ -53,7 +53,9 @@ class Slide:
         return best
 
     # -- pixels
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
         raise NotImplementedError
 
     def get_thumbnail(self, max_size: int) -> np.ndarray:
@@ -97,9 +99,13 @@ class OpenSlideSlide(Slide):
 
     def read_region(self, location, level, size):
         try:
-            region = self._osr.read_region((int(location[0]), int(location[1])), int(level), tuple(map(int, size)))
+            region = self._osr.read_region(
+                (int(location[0]), int(location[1])), int(level), tuple(map(int, size))
+            )
         except Exception as err:  # noqa: BLE001 - openslide raises OpenSlideError on corrupt tiles
-            raise SlideError(self.path, f"cannot read region {location} at level {level} ({err})") from err
+            raise SlideError(
+                self.path, f"cannot read region {location} at level {level} ({err})"
+            ) from err
         return np.asarray(region.convert("RGB"))
 
     def get_thumbnail(self, max_size):
@@ -132,10 +138,14 @@ class TiatoolboxSlide(Slide):
     def read_region(self, location, level, size):
         try:
             region = self._reader.read_region(
-                location=(int(location[0]), int(location[1])), level=int(level), size=tuple(map(int, size))
+                location=(int(location[0]), int(location[1])),
+                level=int(level),
+                size=tuple(map(int, size)),
             )
         except Exception as err:  # noqa: BLE001
-            raise SlideError(self.path, f"cannot read region {location} at level {level} ({err})") from err
+            raise SlideError(
+                self.path, f"cannot read region {location} at level {level} ({err})"
+            ) from err
         return np.ascontiguousarray(np.asarray(region)[..., :3])
 
     def get_thumbnail(self, max_size):
