@@ -67,6 +67,25 @@ def main(verbose: int) -> None:
     )
 
 
+# ==== make-cohort, tile (issue 2) ====
+# (end make-cohort, tile (issue 2))
+
+# ==== extract-features, list-encoders (issue 3) ====
+# (end extract-features, list-encoders (issue 3))
+
+# ==== finetune (issue 4) ====
+# (end finetune (issue 4))
+
+# ==== splits, train, eval (issue 5) ====
+# (end splits, train, eval (issue 5))
+
+# ==== patch-clam (issue 6) ====
+# (end patch-clam (issue 6))
+
+# ==== benchmark, demo (issue 7) ====
+# (end benchmark, demo (issue 7))
+
+
 def run() -> None:  # pragma: no cover - console entry alias
     main(prog_name="clam-mcmkd")
 
