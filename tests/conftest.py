@@ -19,3 +19,28 @@ def cmu_slide() -> Path:
     if not CMU_SLIDE.is_file():
         pytest.fail(f"{CMU_SLIDE} is missing: CI must have ../shared beside the checkout")
     return CMU_SLIDE
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory) -> Path:
+    """Six seeded synthetic slides (3072 px, 20x, 3 tumor / 3 normal, one two-slide case).
+
+    Returns the cohort directory: ``slides/<id>.tif``, ``dataset.csv``, ``annotations/``.
+    The tumour region is enlarged (8% of tissue) so a few patches per tumor slide show it.
+    """
+    from clam_mcmkd.cohort import make_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    make_cohort(out, n_slides=6, size=3072, seed=7, tumor_frac=0.08)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_cohort_tiled(small_cohort, tmp_path_factory) -> Path:
+    """`small_cohort` tiled at 256 px / 20x: returns the tiling dir (``patches/<id>.h5``)."""
+    from clam_mcmkd.tiling import TileConfig, tile_slides
+
+    out = tmp_path_factory.mktemp("tiled")
+    summary = tile_slides(TileConfig(source=str(small_cohort / "slides"), save_dir=str(out)))
+    assert not summary.failed, summary.failed
+    return out
