@@ -184,7 +184,10 @@ def write_features(
     import torch
 
     features = np.asarray(features, dtype=np.float32)
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    coords = np.asarray(coords).reshape(-1, 2)
+    if len(coords) and coords.max() > np.iinfo(np.int32).max:
+        raise ClamFormatError(slide_id, "coords do not fit int32")
+    coords = coords.astype(np.int32)  # CLAM's extract_features_fp.py stores int32 coords
     if features.ndim != 2 or len(features) != len(coords):
         raise ClamFormatError(
             slide_id,

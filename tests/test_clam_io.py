@@ -115,6 +115,7 @@ def test_features_round_trip_h5_and_pt(tmp_path):
     with h5py.File(h5_path, "r") as f:
         np.testing.assert_array_equal(f["features"][:], feats)
         np.testing.assert_array_equal(f["coords"][:], coords)
+        assert f["features"].dtype == np.float32 and f["coords"].dtype == np.int32  # as CLAM
     np.testing.assert_array_equal(clam_io.read_features(tmp_path, "slide_a"), feats)
     got, got_coords = clam_io.read_features(tmp_path, "slide_a", with_coords=True)
     np.testing.assert_array_equal(got, feats)

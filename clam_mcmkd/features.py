@@ -1,0 +1,289 @@
+"""``clam-mcmkd extract-features``: CLAM's ``extract_features_fp.py`` with a faster data path.
+
+Same inputs and outputs as CLAM (coords from ``<data_h5_dir>/patches/<id>.h5``, features to
+``<feat_dir>/h5_files`` and ``<feat_dir>/pt_files``), same encoders and transforms, but patches
+come from :mod:`clam_mcmkd.patch_loader` (tile-level JPEG decoding) and are resized and
+normalised as whole batches on the device. :func:`encode_batches` is the one model-forward loop
+of the project: fine-tuning and benchmarks call it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import clam_io
+from .distributed import DistInfo, barrier, cleanup, init_distributed, rank_device, shard
+from .utils import ClamMcmkdError, RunSummary, progress, resolve_device, save_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "extract_config.json"
+SUMMARY_NAME = "extract_summary.json"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class ExtractConfig:
+    data_h5_dir: str
+    data_slide_dir: str
+    csv_path: str | None
+    feat_dir: str
+    model: str = "resnet50_trunc"
+    slide_ext: str = ".svs"
+    batch_size: int = 256
+    no_auto_skip: bool = False
+    target_patch_size: int = 224
+    ckpt: str | None = None
+    num_workers: int = 0
+    device: str = "auto"
+    pretrained: bool = True
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    init_seed: int = 0  # weights of pretrained=False models (same in every rank/run)
+
+
+# ----------------------------------------------------------------------------- model forward
+
+
+def autocast_dtype(device: str, precision: str = "auto"):
+    """The autocast dtype for a device and precision name (None: plain float32)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ClamMcmkdError(f"unknown precision '{precision}' (choices: {', '.join(PRECISIONS)})")
+    if precision == "fp32" or not str(device).startswith("cuda"):
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def prepare_encoder(encoder, device: str):
+    """Move the model to `device`; channels-last on CUDA (faster convolutions)."""
+    import torch
+
+    model = encoder.model.to(device)
+    if str(device).startswith("cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def encode_batch(encoder, images, device: str = "cpu", precision: str = "auto"):
+    """uint8 (B, H, W, 3) patches (or float batches already through ``encoder.transforms``)
+    -> float32 features (B, D) on the CPU.
+
+    The model must already be on `device` (see :func:`prepare_encoder`); its train/eval mode is
+    left as the caller set it. Resize and normalisation run batched on the device.
+    """
+    import torch
+
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    cuda = str(device).startswith("cuda")
+    x = images.to(device, non_blocking=cuda)
+    if x.dtype == torch.uint8:  # else already transformed (by the loader)
+        x = encoder.transforms.batch(x)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = autocast_dtype(device, precision)
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=dtype)
+        if dtype is not None
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), autocast:
+        out = encoder.model(x)
+    return out.float().cpu()
+
+
+def encode_batches(
+    encoder, batches: Iterable, device: str = "cpu", precision: str = "auto"
+) -> np.ndarray:
+    """Encode an iterable of uint8 (B, H, W, 3) batches; features (N, D) float32 in order."""
+    prepare_encoder(encoder, device)
+    outs = [encode_batch(encoder, b, device, precision).numpy() for b in batches]
+    if not outs:
+        return np.zeros((0, encoder.out_dim), np.float32)
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def encode_patches(
+    encoder, patches: np.ndarray, batch_size: int = 64, device: str = "cpu", precision="auto"
+) -> np.ndarray:
+    """Encode an in-memory uint8 (N, H, W, 3) array of patches in batches."""
+    chunks = (patches[i : i + batch_size] for i in range(0, len(patches), batch_size))
+    return encode_batches(encoder, chunks, device, precision)
+
+
+# ----------------------------------------------------------------------------- one slide
+
+
+def coords_path(data_h5_dir: str | Path, slide_id: str) -> Path:
+    """CLAM's layout: ``<data_h5_dir>/patches/<slide_id>.h5``."""
+    return Path(data_h5_dir) / "patches" / f"{slide_id}.h5"
+
+
+def slide_path(cfg: ExtractConfig, slide_id: str) -> Path:
+    return Path(cfg.data_slide_dir) / f"{slide_id}{cfg.slide_ext}"
+
+
+def extract_slide(
+    encoder,
+    slide_file: str | Path,
+    coords: clam_io.CoordsH5,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str = "cpu",
+    precision: str = "auto",
+) -> np.ndarray:
+    """Features (N, D) of every patch of one slide, in coords order."""
+    from .patch_loader import PatchReader, iter_patch_batches
+
+    # Open once here so a bad slide fails with its own message, not a worker's traceback.
+    with PatchReader(slide_file, coords.patch_level, coords.patch_size) as reader:
+        if not reader.is_fast:
+            log.info("%s: read through OpenSlide (%s)", Path(slide_file).name,
+                     reader.stats.fallback_reason)  # fmt: skip
+    cuda = str(device).startswith("cuda")
+    batches = iter_patch_batches(
+        slide_file,
+        coords,
+        batch_size,
+        num_workers=num_workers,
+        pin_memory=cuda,
+        # CPU: resize + normalise in the reading workers; CUDA: uint8 goes to the GPU (4x less
+        # to copy) and is transformed there.
+        transform=None if cuda else encoder.transforms.batch,
+    )
+    feats = encode_batches(encoder, batches, device, precision)
+    if len(feats) != len(coords):
+        raise ClamMcmkdError(f"{slide_file}: {len(feats)} features for {len(coords)} coords")
+    return feats
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def slide_ids_for(cfg: ExtractConfig) -> list[str]:
+    """Slide ids from the CSV (CLAM's), or every coords file when no CSV is given."""
+    if cfg.csv_path:
+        df = clam_io.read_dataset_csv(cfg.csv_path, require_label=False)
+        return [clam_io.slide_id_of(s, cfg.slide_ext) for s in df["slide_id"]]
+    patch_dir = Path(cfg.data_h5_dir) / "patches"
+    if not patch_dir.is_dir():
+        raise ClamMcmkdError(f"{patch_dir}: no coords directory (expected CLAM's patches/ folder)")
+    return sorted(p.stem for p in patch_dir.glob("*.h5"))
+
+
+def _check_config(cfg: ExtractConfig) -> None:
+    if cfg.batch_size < 1:
+        raise ClamMcmkdError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.num_workers < 0:
+        raise ClamMcmkdError(f"--num-workers must be >= 0, got {cfg.num_workers}")
+    if not Path(cfg.data_h5_dir).is_dir():
+        raise ClamMcmkdError(f"{cfg.data_h5_dir}: --data-h5-dir does not exist")
+    if not Path(cfg.data_slide_dir).is_dir():
+        raise ClamMcmkdError(f"{cfg.data_slide_dir}: --data-slide-dir does not exist")
+    autocast_dtype("cpu", cfg.precision)
+
+
+def _extract_one(cfg, encoder, slide_id: str, device: str) -> int:
+    coords = clam_io.read_coords_h5(coords_path(cfg.data_h5_dir, slide_id))
+    if len(coords) == 0:
+        raise clam_io.ClamFormatError(coords.path, "no patches in the coords file")
+    feats = extract_slide(
+        encoder,
+        slide_path(cfg, slide_id),
+        coords,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        device=device,
+        precision=cfg.precision,
+    )
+    attrs = {
+        "model": cfg.model,
+        "patch_level": coords.patch_level,
+        "patch_size": coords.patch_size,
+        "target_patch_size": encoder.transforms.input_size,
+    }
+    clam_io.write_features(cfg.feat_dir, slide_id, feats, coords.coords, attrs=attrs)
+    return len(feats)
+
+
+def _merge(local: RunSummary, patches: int, seconds: float, info: DistInfo):
+    """Every rank's outcome, so that rank 0 can write one summary for the whole run."""
+    part = (local.done, local.skipped, local.failed, patches, seconds)
+    if not info.enabled:
+        return [part]
+    import torch.distributed as dist
+
+    parts = [None] * info.world_size
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def extract_features(cfg: ExtractConfig) -> RunSummary:
+    """Extract features for every slide of the CSV; each rank takes its share under torchrun."""
+    from .encoders import create_encoder
+
+    _check_config(cfg)
+    device = resolve_device(cfg.device)
+    info = init_distributed(device)
+    device = rank_device(device, info)
+    try:
+        feat_dir = Path(cfg.feat_dir)
+        slide_ids = slide_ids_for(cfg)
+        if info.is_main:
+            feat_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, feat_dir / CONFIG_NAME)
+        encoder = create_encoder(
+            cfg.model,
+            pretrained=cfg.pretrained,
+            ckpt=cfg.ckpt,
+            target_img_size=cfg.target_patch_size,
+            init_seed=cfg.init_seed,
+        )
+        prepare_encoder(encoder, device)
+        local = RunSummary(stage="extract-features")
+        patches, seconds = 0, 0.0
+        mine = shard(slide_ids, info)
+        bar = progress(mine, desc=f"features[{info.rank}]" if info.enabled else "features")
+        for slide_id in bar:
+            if not cfg.no_auto_skip and clam_io.features_done(feat_dir, slide_id):
+                local.skipped.append(slide_id)
+                continue
+            t0 = time.perf_counter()
+            try:
+                n = _extract_one(cfg, encoder, slide_id, device)
+            except Exception as err:  # noqa: BLE001 - one bad slide must not stop the batch
+                local.fail(slide_id, err)
+                continue
+            seconds += time.perf_counter() - t0
+            patches += n
+            local.done.append(slide_id)
+        parts = _merge(local, patches, seconds, info)
+        summary = RunSummary(stage="extract-features", started=local.started)
+        total_patches, busiest = 0, 0.0
+        for done, skipped, failed, n, secs in parts:
+            summary.done += done
+            summary.skipped += skipped
+            summary.failed.update(failed)
+            total_patches += n
+            busiest = max(busiest, secs)
+        summary.extra.update(
+            patches=total_patches,
+            patches_per_s=round(total_patches / busiest, 2) if busiest > 0 else 0.0,
+            model=cfg.model,
+            device=device if not info.enabled else f"{device} x{info.world_size}",
+        )
+        barrier(info)
+        if info.is_main:
+            summary.write(feat_dir / SUMMARY_NAME)
+        return summary
+    finally:
+        cleanup(info)
