@@ -1,0 +1,174 @@
+"""Context windows: g x g blocks of grid-adjacent tissue patches, read with one ``read_region``.
+
+Windows are found from a CLAM coords h5 alone. Two patches are grid-adjacent when their level-0
+corners differ by exactly one patch side (``CoordsH5.patch_size_level0``) along x or y, so coords
+from several contours with different grid offsets (CLAM tiles each contour from its own corner)
+are handled: a window only needs its g^2 corners to be present.
+
+Windows do NOT overlap by default: scanning corners row by row, a window is taken when all its
+g^2 patches exist and none is already in a taken window. One epoch then shows each tissue patch at
+most once, the teacher runs at most once per patch, and no window is a near-copy of another.
+``overlap=True`` takes every valid corner instead (up to g^2 times more windows per slide).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..clam_io import CoordsH5
+from ..slides import Slide, open_slide
+from ..utils import ClamMcmkdError
+
+log = logging.getLogger("clam_mcmkd.mcmkd")
+
+
+class NoWindowsError(ClamMcmkdError):
+    """No slide has enough grid-adjacent tissue patches for one window."""
+
+
+def find_window_origins(
+    coords: np.ndarray, step: int, grid: int, overlap: bool = False
+) -> np.ndarray:
+    """Level-0 top-left corners (W, 2) of the g x g windows fully covered by `coords`."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if grid < 1 or step < 1 or len(coords) < grid * grid:
+        return np.zeros((0, 2), dtype=np.int64)
+    present = {(int(x), int(y)) for x, y in coords}
+    order = np.lexsort((coords[:, 0], coords[:, 1]))  # row by row: y, then x
+    offsets = [(i * step, j * step) for j in range(grid) for i in range(grid)]
+    used: set[tuple[int, int]] = set()
+    origins = []
+    for x, y in coords[order]:
+        x, y = int(x), int(y)
+        cells = [(x + dx, y + dy) for dx, dy in offsets]
+        if not all(c in present for c in cells):
+            continue
+        if not overlap:
+            if any(c in used for c in cells):
+                continue
+            used.update(cells)
+        origins.append((x, y))
+    return np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+
+
+def window_patch_coords(origin: np.ndarray, step: int, grid: int) -> np.ndarray:
+    """Level-0 corners (g^2, 2) of the patches of one window, row-major (position p = j*g + i)."""
+    jj, ii = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    offs = np.stack([ii.ravel(), jj.ravel()], axis=1) * step
+    return np.asarray(origin, dtype=np.int64).reshape(1, 2) + offs
+
+
+@dataclass(frozen=True)
+class SlideWindows:
+    """The windows of one slide and the geometry needed to read them."""
+
+    slide_id: str
+    slide_path: str
+    origins: np.ndarray  # (W, 2) level-0
+    step: int  # level-0 pixels between grid-adjacent patches
+    patch_size: int  # pixels at patch_level
+    patch_level: int
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def patch_coords(self, w: int, grid: int) -> np.ndarray:
+        return window_patch_coords(self.origins[w], self.step, grid)
+
+
+def slide_windows(
+    slide_id: str, slide_path: str | os.PathLike, coords: CoordsH5, grid: int, overlap: bool
+) -> SlideWindows:
+    step = coords.patch_size_level0
+    origins = find_window_origins(coords.coords, step, grid, overlap)
+    return SlideWindows(
+        slide_id, str(slide_path), origins, step, coords.patch_size, coords.patch_level
+    )
+
+
+def read_window(slide: Slide, sw: SlideWindows, w: int, grid: int) -> np.ndarray:
+    """One ``read_region`` of g*P pixels at patch_level, cut into g^2 patches: (g^2, P, P, 3)."""
+    p = sw.patch_size
+    x, y = (int(v) for v in sw.origins[w])
+    region = slide.read_region((x, y), sw.patch_level, (grid * p, grid * p))
+    if region.shape[:2] != (grid * p, grid * p):
+        raise ClamMcmkdError(
+            f"{sw.slide_path}: read_region returned {region.shape[:2]} for a {grid * p}px window"
+        )
+    # (gP, gP, 3) -> (g, P, g, P, 3) -> (g_row, g_col, P, P, 3) -> row-major positions
+    patches = region.reshape(grid, p, grid, p, 3).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(patches.reshape(grid * grid, p, p, 3))
+
+
+@dataclass(frozen=True)
+class WindowRef:
+    """A window as a (slide index, window index) pair: small, picklable, orderable."""
+
+    slide: int
+    window: int
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Windows as uint8 patch stacks plus their level-0 coords; slides opened once per worker."""
+
+    def __init__(self, slides: list[SlideWindows], refs: list[WindowRef], grid: int, teacher=None):
+        self.slides = slides
+        self.refs = list(refs)
+        self.grid = grid
+        self.teacher = teacher  # a teacher_cache.CacheReader, or None
+        self._open: dict[int, Slide] = {}
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def _slide(self, i: int) -> Slide:
+        if i not in self._open:
+            self._open[i] = open_slide(self.slides[i].slide_path)
+        return self._open[i]
+
+    def __getitem__(self, k: int) -> dict:
+        ref = self.refs[k]
+        sw = self.slides[ref.slide]
+        patches = read_window(self._slide(ref.slide), sw, ref.window, self.grid)
+        coords = sw.patch_coords(ref.window, self.grid)
+        item = {
+            "patches": torch.from_numpy(patches),
+            "coords": torch.from_numpy(coords),
+            "slide": ref.slide,
+            "index": k,
+        }
+        if self.teacher is not None:
+            item["teacher"] = torch.from_numpy(self.teacher.features(ref.slide, coords))
+        return item
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = {}  # slide handles do not cross process boundaries
+        return state
+
+    def close(self) -> None:
+        for slide in self._open.values():
+            slide.close()
+        self._open.clear()
+        if self.teacher is not None:
+            self.teacher.close()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded shuffled order in which one epoch visits each window once."""
+    return np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(n)
+
+
+def check_slide_path(path: Path) -> str | None:
+    """None when the slide opens, else the reason (the caller counts it as skipped)."""
+    try:
+        with open_slide(path):
+            return None
+    except ClamMcmkdError as err:
+        return str(err)

@@ -1,0 +1,396 @@
+"""MCM-KD fine-tuning: windows, masks, learning, teacher cache, exact resume, DDP, errors.
+
+Tiny real models (ResNet-18 student and teacher, random seeded init, 64 px) on the real CMU
+slide and on the synthetic cohort; no mocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from clam_mcmkd.clam_io import read_coords_h5, write_coords_h5, write_dataset_csv
+from clam_mcmkd.encoders import EncoderError, create_encoder, read_student_checkpoint
+from clam_mcmkd.finetune import FinetuneConfig, finetune, output_paths, plan_windows
+from clam_mcmkd.mcmkd import teacher_cache
+from clam_mcmkd.mcmkd.masking import make_mask, num_masked, window_masks
+from clam_mcmkd.mcmkd.teacher_cache import TeacherCacheError
+from clam_mcmkd.mcmkd.windows import (
+    NoWindowsError,
+    find_window_origins,
+    read_window,
+    slide_windows,
+)
+from clam_mcmkd.slides import open_slide
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(
+    teacher="resnet18",
+    teacher_input_size=64,
+    student="resnet18_trunc",
+    input_size=64,
+    pretrained=False,
+    grid=2,
+    batch_size=8,
+    predictor_width=64,
+    predictor_depth=2,
+    predictor_heads=4,
+    progress=False,
+)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def cmu_coords(cmu_slide, tmp_path_factory) -> Path:
+    """CLAM coords for the CMU slide: a regular 64 px grid over its tissue (darker than 215)."""
+    root = tmp_path_factory.mktemp("cmu_coords")
+    patch = 64
+    with open_slide(cmu_slide) as slide:
+        w, h = slide.dimensions
+        img = slide.read_region((0, 0), 0, (w, h))
+    coords = [
+        (x, y)
+        for y in range(0, h - patch + 1, patch)
+        for x in range(0, w - patch + 1, patch)
+        if img[y : y + patch, x : x + patch].mean() < 215
+    ]
+    sid = cmu_slide.stem
+    write_coords_h5(
+        root / "patches" / f"{sid}.h5",
+        np.asarray(coords),
+        patch_size=patch,
+        patch_level=0,
+        downsample=(1.0, 1.0),
+        downsampled_level_dim=(w, h),
+        level_dim=(w, h),
+        name=sid,
+    )
+    write_dataset_csv(root / "data.csv", [{"case_id": "c0", "slide_id": sid, "label": "tumor"}])
+    return root
+
+
+def cmu_cfg(cmu_coords: Path, cmu_slide: Path, out: Path, **kw) -> FinetuneConfig:
+    base = dict(
+        TINY,
+        data_h5_dir=str(cmu_coords),
+        data_slide_dir=str(cmu_slide.parent),
+        csv_path=str(cmu_coords / "data.csv"),
+        slide_ext=".svs",
+        out=str(out),
+        teacher_cache=str(cmu_coords / "teacher_cache"),
+    )
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def cohort_cfg(small_cohort: Path, tiled: Path, out: Path, **kw) -> FinetuneConfig:
+    base = dict(
+        TINY,
+        data_h5_dir=str(tiled),
+        data_slide_dir=str(small_cohort / "slides"),
+        csv_path=str(small_cohort / "dataset.csv"),
+        slide_ext=".tif",
+        out=str(out),
+        teacher_cache=str(out.parent.parent / "cohort_teacher_cache"),
+        max_windows=16,
+        batch_size=4,
+        val_frac=0.2,
+        max_val_windows=8,
+        lr=2e-3,
+    )
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+# ----------------------------------------------------------------------------- windows, masks
+
+
+def test_windows_found_on_any_grid_offset_without_overlap():
+    step = 10
+    # a 3x2 block at offset (0, 0) and a 2x2 block on another grid offset (CLAM tiles each
+    # contour from its own corner), plus a lone patch
+    block_a = [(x * step, y * step) for y in range(2) for x in range(3)]
+    block_b = [(103 + x * step, 57 + y * step) for y in range(2) for x in range(2)]
+    coords = np.asarray(block_a + block_b + [(500, 500)])
+    origins = find_window_origins(coords, step, grid=2)
+    assert sorted(map(tuple, origins)) == [(0, 0), (103, 57)]  # (10, 0) would overlap (0, 0)
+    overlapping = find_window_origins(coords, step, grid=2, overlap=True)
+    assert sorted(map(tuple, overlapping)) == [(0, 0), (10, 0), (103, 57)]
+    assert len(find_window_origins(coords, step, grid=3)) == 0
+
+
+def test_one_read_region_cut_equals_per_patch_reads(cmu_coords, cmu_slide):
+    coords = read_coords_h5(cmu_coords / "patches" / f"{cmu_slide.stem}.h5")
+    sw = slide_windows(cmu_slide.stem, cmu_slide, coords, grid=3, overlap=False)
+    assert len(sw) > 5
+    present = {tuple(c) for c in coords.coords}
+    with open_slide(cmu_slide) as slide:
+        patches = read_window(slide, sw, 3, 3)
+        assert patches.shape == (9, 64, 64, 3) and patches.dtype == np.uint8
+        for p, (x, y) in enumerate(sw.patch_coords(3, 3)):
+            assert (int(x), int(y)) in present  # every window patch is a tissue patch
+            single = slide.read_region((int(x), int(y)), 0, (64, 64))
+            np.testing.assert_array_equal(patches[p], single)
+
+
+@pytest.mark.parametrize("strategy", ["random", "block"])
+def test_masks_count_contiguity_and_determinism(strategy):
+    for grid, ratio in [(2, 0.5), (3, 0.5), (4, 0.5), (4, 0.05), (4, 0.99)]:
+        k = num_masked(grid, ratio)
+        assert 1 <= k <= grid * grid - 1
+        masks = window_masks(np.arange(50), grid, ratio, strategy, seed=3, epoch=0)
+        assert (masks.sum(1) == k).all()
+        again = window_masks(np.arange(50), grid, ratio, strategy, seed=3, epoch=0)
+        np.testing.assert_array_equal(masks, again)
+        other_epoch = window_masks(np.arange(50), grid, ratio, strategy, seed=3, epoch=1)
+        assert (masks != other_epoch).any()
+    if strategy == "block":  # masked cells form one 4-connected region
+        from scipy import ndimage
+
+        for i in range(30):
+            m = make_mask(4, 0.5, "block", np.random.default_rng(i)).reshape(4, 4)
+            assert ndimage.label(m)[1] == 1
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.fixture(scope="module")
+def cmu_run(cmu_coords, cmu_slide, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmu_run") / "mcmkd_resnet50.pt"
+    builds = teacher_cache.TEACHER_BUILDS
+    cfg = cmu_cfg(cmu_coords, cmu_slide, out, epochs=3, lr=1e-3, val_frac=0.2)
+    path = finetune(cfg)
+    metrics = json.loads(output_paths(out)["final_metrics"].read_text())
+    return cfg, path, metrics, teacher_cache.TEACHER_BUILDS - builds
+
+
+def test_loss_goes_down_and_beats_untrained_and_mean_baseline(cmu_run):
+    cfg, path, metrics, _ = cmu_run
+    import pandas as pd
+
+    hist = pd.read_csv(output_paths(cfg.out)["metrics"])
+    assert list(hist.columns) == ["step", "epoch", "loss", "lr", "lr_student", "windows_per_s"]
+    assert len(hist) == metrics["steps"] > 20
+    assert hist["loss"].iloc[-8:].mean() < hist["loss"].iloc[:8].mean()
+    # the student's lr is the predictor's x student_lr_mult; warm-up then cosine decay
+    np.testing.assert_allclose(hist["lr_student"], hist["lr"] * cfg.student_lr_mult, rtol=1e-6)
+    assert hist["lr"].iloc[-1] < hist["lr"].max()
+    assert metrics["val_windows"] > 5
+    assert metrics["val_cosine_after"] > metrics["val_cosine_before"]
+    assert metrics["val_cosine_after"] > metrics["val_cosine_mean_baseline"]
+
+
+def test_outputs_and_checkpoint_loads_as_mcmkd_resnet50(cmu_run, cmu_slide):
+    cfg, path, metrics, _ = cmu_run
+    paths = output_paths(cfg.out)
+    assert path == paths["checkpoint"]
+    for key in ("metrics", "plot", "config", "summary", "final_metrics"):
+        assert paths[key].is_file(), key
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(paths["config"].read_text())["teacher"] == "resnet18"
+    payload = read_student_checkpoint(path)
+    assert payload["arch"] == "resnet18_trunc" and payload["input_size"] == 64
+    assert payload["metrics"]["val_cosine_after"] == metrics["val_cosine_after"]
+    assert "predictor" not in json.dumps(list(payload["state_dict"]))  # student weights only
+
+    tuned = create_encoder("mcmkd_resnet50", ckpt=path)
+    base = create_encoder("resnet18_trunc", pretrained=False, target_img_size=64)
+    assert tuned.out_dim == 256 and tuned.transforms.input_size == 64
+    with open_slide(cmu_slide) as slide:
+        img = torch.from_numpy(np.array(slide.read_region((1000, 1500), 0, (64, 64))))[None]
+    with torch.no_grad():
+        f_tuned = tuned.model(tuned.transforms.batch(img))
+        f_base = base.model(base.transforms.batch(img))
+    assert f_tuned.shape == (1, 256)
+    assert not torch.allclose(f_tuned, f_base)  # fine-tuning changed the encoder
+    # BatchNorm statistics were frozen: running stats equal the untrained student's
+    sd_t, sd_b = tuned.model.state_dict(), base.model.state_dict()
+    bn_keys = [k for k in sd_b if k.endswith("running_mean")]
+    assert bn_keys and all(torch.equal(sd_t[k], sd_b[k]) for k in bn_keys)
+
+
+def test_teacher_cache_written_once_and_reused(cmu_run, cmu_coords, cmu_slide, tmp_path):
+    cfg, _, metrics, builds = cmu_run
+    assert builds == 1 and metrics["teacher_patches_computed"] > 0
+    cache_file = Path(cfg.teacher_cache) / f"{cmu_slide.stem}.h5"
+    with h5py.File(cache_file) as f:
+        n_cached = len(f["coords"])
+        assert f["features"].shape == (n_cached, 512)
+        assert json.loads(f.attrs["teacher"])["name"] == "resnet18"
+    mtime = cache_file.stat().st_mtime_ns
+    before = teacher_cache.TEACHER_BUILDS
+    again = replace(cfg, out=str(tmp_path / "again.pt"), stop_after_steps=1)
+    finetune(again)
+    assert teacher_cache.TEACHER_BUILDS == before  # the teacher was never built
+    assert cache_file.stat().st_mtime_ns == mtime
+
+
+def test_mismatched_or_stale_teacher_cache_is_an_error(cmu_run, tmp_path):
+    cfg, _, _, _ = cmu_run
+    with pytest.raises(TeacherCacheError, match="teacher cache was made by"):
+        finetune(replace(cfg, out=str(tmp_path / "x.pt"), teacher_input_size=48))
+    with pytest.raises(TeacherCacheError, match="teacher cache was made by"):
+        finetune(replace(cfg, out=str(tmp_path / "x.pt"), teacher="resnet34"))
+    # a cache made for another patch geometry (the coords were re-tiled since)
+    stale = tmp_path / "stale_cache"
+    stale.mkdir()
+    for f in Path(cfg.teacher_cache).glob("*.h5"):
+        (stale / f.name).write_bytes(f.read_bytes())
+        with h5py.File(stale / f.name, "a") as h:
+            h.attrs["patch_size"] = 128
+    with pytest.raises(TeacherCacheError, match="stale teacher cache"):
+        finetune(replace(cfg, out=str(tmp_path / "x.pt"), teacher_cache=str(stale)))
+
+
+# ----------------------------------------------------------------------------- resume, DDP
+
+
+@pytest.fixture(scope="module")
+def cohort_reference(small_cohort, small_cohort_tiled, tmp_path_factory):
+    """An uninterrupted run on the synthetic cohort (2 epochs of 4 steps)."""
+    out = tmp_path_factory.mktemp("cohort_ref") / "ref.pt"
+    cfg = cohort_cfg(small_cohort, small_cohort_tiled, out, epochs=2)
+    finetune(cfg)
+    return cfg
+
+
+def _student_state(path) -> dict:
+    return read_student_checkpoint(path)["state_dict"]
+
+
+def test_validation_windows_come_from_held_out_slides(cohort_reference):
+    plan = plan_windows(cohort_reference)
+    train_slides = {r.slide for r in plan.train}
+    val_slides = {r.slide for r in plan.val}
+    assert train_slides and val_slides and not train_slides & val_slides
+    metrics = json.loads(output_paths(cohort_reference.out)["final_metrics"].read_text())
+    assert metrics["val_windows"] == len(plan.val) > 0
+    assert metrics["train_windows"] == 16 and metrics["steps"] == 8
+
+
+def test_killed_run_resumes_to_identical_weights(cohort_reference, tmp_path):
+    from click.testing import CliRunner
+
+    from clam_mcmkd.cli import main
+
+    cfg = replace(cohort_reference, out=str(tmp_path / "resumed.pt"))
+    state = finetune(replace(cfg, stop_after_steps=3, save_every=2))
+    assert state == output_paths(cfg.out)["state"] and not Path(cfg.out).exists()
+    args = [
+        "finetune", "--data-h5-dir", cfg.data_h5_dir, "--data-slide-dir", cfg.data_slide_dir,
+        "--csv-path", cfg.csv_path, "--slide-ext", ".tif", "--teacher", "resnet18",
+        "--teacher-input-size", "64", "--student", "resnet18_trunc", "--input-size", "64",
+        "--no-pretrained", "--grid", "2", "--batch-size", "4", "--predictor-width", "64",
+        "--max-windows", "16", "--val-frac", "0.2", "--max-val-windows", "8", "--lr", "2e-3",
+        "--epochs", "2", "--teacher-cache", cfg.teacher_cache, "--out", cfg.out, "--resume",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    ref, resumed = _student_state(cohort_reference.out), _student_state(cfg.out)
+    assert ref.keys() == resumed.keys()
+    for k in ref:
+        assert torch.equal(ref[k], resumed[k]), k
+    # a resume with different options is refused rather than silently mixing runs
+    finetune(replace(cfg, out=str(tmp_path / "other.pt"), stop_after_steps=1))
+    with pytest.raises(Exception, match="cannot --resume"):
+        finetune(replace(cfg, out=str(tmp_path / "other.pt"), lr=1e-3, resume=True))
+
+
+def test_ddp_two_ranks_match_one_process(cohort_reference, tmp_path):
+    cfg = cohort_reference
+    out = tmp_path / "ddp.pt"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(29500 + os.getpid() % 1000), "-m", "clam_mcmkd.cli", "finetune",
+        "--data-h5-dir", cfg.data_h5_dir, "--data-slide-dir", cfg.data_slide_dir,
+        "--csv-path", cfg.csv_path, "--slide-ext", ".tif", "--teacher", "resnet18",
+        "--teacher-input-size", "64", "--student", "resnet18_trunc", "--input-size", "64",
+        "--no-pretrained", "--grid", "2", "--batch-size", "4", "--predictor-width", "64",
+        "--max-windows", "16", "--val-frac", "0.2", "--max-val-windows", "8", "--lr", "2e-3",
+        "--epochs", "2", "--teacher-cache", cfg.teacher_cache, "--out", str(out),
+        "--device", "cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", CLAM_MCMKD_NO_PROGRESS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, ddp = _student_state(cfg.out), _student_state(out)
+    moved = 0
+    init = create_encoder("resnet18_trunc", pretrained=False).model.state_dict()
+    for k in ref:
+        torch.testing.assert_close(ddp[k], ref[k], rtol=1e-4, atol=1e-5)
+        moved += not torch.equal(ref[k], init[k])
+    assert moved > 10  # the comparison is between trained weights, not two untouched inits
+    m_ref = json.loads(output_paths(cfg.out)["final_metrics"].read_text())
+    m_ddp = json.loads(output_paths(out)["final_metrics"].read_text())
+    assert m_ddp["world_size"] == 2
+    assert m_ddp["val_cosine_after"] == pytest.approx(m_ref["val_cosine_after"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unknown_names_are_clear_errors(cmu_coords, cmu_slide, tmp_path):
+    from click.testing import CliRunner
+
+    from clam_mcmkd.cli import main
+
+    with pytest.raises(EncoderError, match="unknown teacher 'no_such_net'"):
+        finetune(cmu_cfg(cmu_coords, cmu_slide, tmp_path / "x.pt", teacher="no_such_net"))
+    with pytest.raises(EncoderError, match="unknown student 'resnet7'"):
+        finetune(cmu_cfg(cmu_coords, cmu_slide, tmp_path / "x.pt", student="resnet7"))
+    result = CliRunner().invoke(
+        main,
+        ["finetune", "--data-h5-dir", str(cmu_coords), "--data-slide-dir", str(cmu_slide.parent),
+         "--csv-path", str(cmu_coords / "data.csv"), "--teacher", "no_such_net",
+         "--out", str(tmp_path / "x.pt")],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "unknown teacher 'no_such_net'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_no_window_fits_is_an_error(cmu_coords, cmu_slide, tmp_path):
+    with pytest.raises(NoWindowsError, match="no 30x30 window"):
+        finetune(cmu_cfg(cmu_coords, cmu_slide, tmp_path / "x.pt", grid=30))
+
+
+def test_unreadable_slide_is_skipped_and_counted(cmu_coords, cmu_slide, tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / f"{cmu_slide.stem}.svs").symlink_to(cmu_slide)
+    (slides / "broken.svs").write_bytes(b"not a slide at all")
+    h5 = tmp_path / "h5"
+    (h5 / "patches").mkdir(parents=True)
+    src = cmu_coords / "patches" / f"{cmu_slide.stem}.h5"
+    (h5 / "patches" / src.name).write_bytes(src.read_bytes())
+    (h5 / "patches" / "broken.h5").write_bytes(src.read_bytes())
+    write_dataset_csv(
+        tmp_path / "data.csv",
+        [{"case_id": "a", "slide_id": cmu_slide.stem, "label": "x"},
+         {"case_id": "b", "slide_id": "broken", "label": "x"},
+         {"case_id": "c", "slide_id": "no_coords", "label": "x"}],
+    )  # fmt: skip
+    cfg = cmu_cfg(
+        h5, cmu_slide, tmp_path / "x.pt", data_h5_dir=str(h5), data_slide_dir=str(slides),
+        csv_path=str(tmp_path / "data.csv"),
+    )  # fmt: skip
+    plan = plan_windows(cfg)
+    assert list(plan.summary.failed) == ["broken"] and "broken.svs" in plan.summary.failed["broken"]
+    assert plan.summary.skipped == ["no_coords"] and plan.summary.done == [cmu_slide.stem]
+    assert len(plan.train) > 0
