@@ -630,8 +630,8 @@ def _finetune(cfg: FinetuneConfig, device: str, info: dist_utils.DistInfo) -> Pa
     elif cfg.resume and info.is_main:
         log.warning("finetune: --resume but no state at %s: starting from scratch", paths["state"])
 
-    if val_before is None and len(val_set):
-        val_before = evaluate(
+    def validate():  # masked cosine on the held-out windows, before and after training
+        return evaluate(
             val_set,
             student,
             student_enc.transforms,
@@ -642,6 +642,9 @@ def _finetune(cfg: FinetuneConfig, device: str, info: dist_utils.DistInfo) -> Pa
             device,
             info,
         )
+
+    if val_before is None and len(val_set):
+        val_before = validate()
 
     # ---- train
     k_masked = num_masked(cfg.grid, cfg.mask_ratio)
@@ -732,21 +735,7 @@ def _finetune(cfg: FinetuneConfig, device: str, info: dist_utils.DistInfo) -> Pa
         return paths["state"]
 
     # ---- validation after training, outputs
-    val_after = (
-        evaluate(
-            val_set,
-            student,
-            student_enc.transforms,
-            predictor,
-            standardizer,
-            t_mean,
-            cfg,
-            device,
-            info,
-        )
-        if len(val_set)
-        else None
-    )
+    val_after = validate() if len(val_set) else None
     train_set.close()
     val_set.close()
     metrics = {
