@@ -476,7 +476,7 @@ def train_fold(fold, bags, store, cfg: TrainConfig, n_classes, embed_dim, device
         bar.set_postfix(
             loss=f"{stats['loss']:.3f}", val_loss=f"{val.loss:.3f}", val_auc=f"{val.auc:.3f}"
         )
-        log.info(
+        log.debug(  # per epoch: the progress bar shows it; -vv logs it
             "fold %d epoch %d: train_loss %.4f inst_loss %.4f train_error %.4f | "
             "val_loss %.4f val_error %.4f val_auc %.4f",
             fold, epoch, stats["loss"], stats["inst_loss"], stats["error"],
