@@ -11,6 +11,9 @@ Setup (all seeded, no downloaded weights):
    Monte-Carlo splits of the evaluation cohort, several MIL seeds; test AUC per encoder.
 
     python benchmarks/bench_finetune_effect.py --workdir /tmp/mcmkd_effect
+    # not at ceiling: a subtler tumour; replicates with --cohort-seed; control arm with an
+    # untrained teacher: --teacher-epochs 0
+    python benchmarks/bench_finetune_effect.py --tumor-contrast 0.2 --cohort-seed 1
 """
 
 from __future__ import annotations
@@ -44,9 +47,18 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def cohort(work: Path, name: str, n: int, seed: int, tumor_frac: float) -> tuple[Path, Path]:
+def cohort(
+    work: Path, name: str, n: int, seed: int, tumor_frac: float, tumor_contrast: float
+) -> tuple[Path, Path]:
     root = work / name
-    csv = make_cohort(root, n_slides=n, size=3072, seed=seed, tumor_frac=tumor_frac)
+    csv = make_cohort(
+        root,
+        n_slides=n,
+        size=3072,
+        seed=seed,
+        tumor_frac=tumor_frac,
+        tumor_contrast=tumor_contrast,
+    )
     tile_slides(TileConfig(source=str(root / "slides"), save_dir=str(root / "tiles")))
     return csv, root
 
@@ -154,7 +166,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--teacher-slides", type=int, default=10)
     ap.add_argument("--eval-slides", type=int, default=24)
-    ap.add_argument("--teacher-epochs", type=int, default=4)
+    ap.add_argument(
+        "--teacher-epochs", type=int, default=4, help="0 = untrained teacher (control arm)"
+    )
     ap.add_argument("--mcmkd-epochs", type=int, default=3)
     ap.add_argument("--max-windows", type=int, default=600)
     ap.add_argument("--folds", type=int, default=3)
@@ -164,6 +178,18 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=64, help="every encoder's input size")
     ap.add_argument("--tumor-frac", type=float, default=0.08, help="tumour share of tissue")
     ap.add_argument("--teacher-tumor-frac", type=float, default=0.15, help="same, teacher cohort")
+    ap.add_argument(
+        "--tumor-contrast",
+        type=float,
+        default=1.0,
+        help="cohort difficulty: 1 = distinct tumour texture, lower = closer to normal tissue",
+    )
+    ap.add_argument(
+        "--teacher-tumor-contrast", type=float, default=None, help="[default: --tumor-contrast]"
+    )
+    ap.add_argument(
+        "--cohort-seed", type=int, default=0, help="offset of both cohorts' seeds (replicates)"
+    )
     ap.add_argument("--student-lr-mult", type=float, default=0.3)
     args = ap.parse_args()
     global SIZE, TUMOR_FRAC
@@ -174,15 +200,30 @@ def main() -> None:
     t_start = time.perf_counter()
 
     log("cohorts")
+    teacher_contrast = args.teacher_tumor_contrast
+    if teacher_contrast is None:
+        teacher_contrast = args.tumor_contrast
     t_csv, t_root = cohort(
-        work, "teacher_cohort", args.teacher_slides, 101, args.teacher_tumor_frac
+        work,
+        "teacher_cohort",
+        args.teacher_slides,
+        101 + args.cohort_seed,
+        args.teacher_tumor_frac,
+        teacher_contrast,
     )
-    e_csv, e_root = cohort(work, "eval_cohort", args.eval_slides, 202, TUMOR_FRAC)
+    e_csv, e_root = cohort(
+        work,
+        "eval_cohort",
+        args.eval_slides,
+        202 + args.cohort_seed,
+        TUMOR_FRAC,
+        args.tumor_contrast,
+    )
 
     log("teacher: tumour-vs-normal ResNet-18 on the teacher cohort's patches")
     tx, ty, _ = cohort_patches(t_root, t_csv, with_labels=True)
     teacher_ckpt = work / "teacher_resnet18.pt"
-    teacher_info = train_teacher(tx, ty, teacher_ckpt, args.teacher_epochs, seed=0)
+    teacher_info = train_teacher(tx, ty, teacher_ckpt, args.teacher_epochs, seed=args.cohort_seed)
     log(f"teacher: {teacher_info}")
 
     log("MCM-KD fine-tuning of the student on the evaluation cohort (label-free)")
@@ -215,10 +256,15 @@ def main() -> None:
     log(f"MCM-KD: {ft_metrics}")
 
     log("features: student before / after MCM-KD, teacher")
+    teacher_name = (
+        "teacher (patch-label-trained ResNet-18)"
+        if args.teacher_epochs > 0
+        else "teacher (untrained random-init ResNet-18: control)"
+    )
     feats = {
         "student (random init, before MCM-KD)": work / "feats_before",
         "student after MCM-KD": work / "feats_after",
-        "teacher (patch-label-trained ResNet-18)": work / "feats_teacher",
+        teacher_name: work / "feats_teacher",
     }
     common = dict(
         data_h5_dir=str(e_root / "tiles"),

@@ -85,13 +85,22 @@ def main(verbose: int) -> None:
     show_default=True,
     help="Tumour area / tissue area in tumor slides.",
 )
+@option(
+    "--tumor-contrast",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Difficulty: 1 = distinct tumour texture, lower = closer to normal tissue (0-1).",
+)
 @option("--mpp", type=float, default=0.5, show_default=True, help="Microns per pixel (0.5 = 20x).")
-def make_cohort_cmd(out_dir, n_slides, size, seed, positive_frac, tumor_frac, mpp):
+def make_cohort_cmd(out_dir, n_slides, size, seed, positive_frac, tumor_frac, tumor_contrast, mpp):
     """Generate a seeded synthetic cohort: OUT_DIR/slides/*.tif and OUT_DIR/dataset.csv."""
     from .cohort import make_cohort
 
     if n_slides < 1 or size < 512:
         raise click.BadParameter("need --n-slides >= 1 and --size >= 512")
+    if not 0.0 <= tumor_contrast <= 1.0:
+        raise click.BadParameter("--tumor-contrast must be in [0, 1]")
     csv_path = make_cohort(
         out_dir,
         n_slides=n_slides,
@@ -99,6 +108,7 @@ def make_cohort_cmd(out_dir, n_slides, size, seed, positive_frac, tumor_frac, mp
         seed=seed,
         positive_frac=positive_frac,
         tumor_frac=tumor_frac,
+        tumor_contrast=tumor_contrast,
         mpp=mpp,
     )
     click.echo(f"wrote {n_slides} slides to {csv_path.parent / 'slides'} and {csv_path}")

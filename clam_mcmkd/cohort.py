@@ -4,8 +4,9 @@ No real labelled slides can be shipped with the project, so tests, benchmarks an
 on slides made here. Each slide has a near-white background, one to three blob-shaped tissue
 regions with an H&E-like texture (pink stroma, small purple nuclei) and, in "tumor" slides, a
 small region (``tumor_frac`` of the tissue) of dense, large, dark nuclei: a label that MIL can
-learn from patch features. The files are generic pyramidal TIFFs (levels as pages, 256 px JPEG
-tiles, resolution tags for the mpp), which OpenSlide and tiatoolbox both read.
+learn from patch features (``tumor_contrast`` < 1 brings that texture closer to normal tissue,
+for experiments that must not sit at ceiling). The files are generic pyramidal TIFFs (levels as
+pages, 256 px JPEG tiles, resolution tags for the mpp), which OpenSlide and tiatoolbox both read.
 
 Speed: shapes are drawn on a coarse grid (``mask_step`` level-0 pixels per cell) and textures
 come from a small bank of pre-rendered 256 px tiles, so a slide is rendered strip by strip with a
@@ -40,12 +41,19 @@ class CohortConfig:
     mpp: float = 0.5  # microns per pixel at level 0 (0.5 = 20x)
     write_objective_power: bool = True  # AppMag = 10 / mpp; False: readers must go by the mpp
     tumor_frac: float = 0.04  # tumour area / tissue area in positive slides
+    # difficulty knob: 1 = the distinct tumour texture, 0 = tumour looks like normal tissue;
+    # in between, stroma/nucleus colour, nuclear density and size are interpolated
+    tumor_contrast: float = 1.0
     two_slide_case_frac: float = 0.3  # share of cases that have two slides
     jpeg_quality: int = 90
     min_level_side: int = 512  # stop adding pyramid levels below this longer side
     mask_step: int = 16  # level-0 pixels per cell of the coarse shape grid
     stain_jitter: float = 0.06  # per-slide colour variation, so colour alone is no label
     slide_prefix: str = "slide"
+
+    def __post_init__(self):
+        if not 0.0 <= self.tumor_contrast <= 1.0:
+            raise ValueError(f"tumor_contrast must be in [0, 1], got {self.tumor_contrast}")
 
 
 # --------------------------------------------------------------------------- texture bank
@@ -93,16 +101,37 @@ def _texture_tile(
     return img.astype(np.float32)
 
 
-def _texture_bank(rng: np.random.Generator, tile: int, n: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    normal = np.stack(
-        [_texture_tile(rng, tile, _STROMA, _NUCLEUS, 6.0, (2.5, 4.0)) for _ in range(n)]
+_NORMAL_DENSITY, _NORMAL_RADIUS = 6.0, (2.5, 4.0)
+_TUMOR_DENSITY, _TUMOR_RADIUS = 16.0, (5.0, 8.0)
+
+
+def _tumor_texture_params(contrast: float) -> tuple[np.ndarray, np.ndarray, float, tuple]:
+    """Tumour stroma, nucleus colour, density, radius range at `contrast` (1 = the defaults)."""
+    if contrast == 1.0:  # exactly today's constants, so default slides stay byte-identical
+        return _TUMOR_STROMA, _TUMOR_NUCLEUS, _TUMOR_DENSITY, _TUMOR_RADIUS
+
+    def mix(normal, tumor):
+        return normal + contrast * (np.asarray(tumor) - np.asarray(normal))
+
+    return (
+        mix(_STROMA, _TUMOR_STROMA).astype(np.float32),
+        mix(_NUCLEUS, _TUMOR_NUCLEUS).astype(np.float32),
+        float(mix(_NORMAL_DENSITY, _TUMOR_DENSITY)),
+        tuple(float(r) for r in mix(_NORMAL_RADIUS, _TUMOR_RADIUS)),
     )
-    tumor = np.stack(
+
+
+def _texture_bank(
+    rng: np.random.Generator, tile: int, n: int = 6, tumor_contrast: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    normal = np.stack(
         [
-            _texture_tile(rng, tile, _TUMOR_STROMA, _TUMOR_NUCLEUS, 16.0, (5.0, 8.0))
+            _texture_tile(rng, tile, _STROMA, _NUCLEUS, _NORMAL_DENSITY, _NORMAL_RADIUS)
             for _ in range(n)
         ]
     )
+    stroma, nucleus, density, radius = _tumor_texture_params(tumor_contrast)
+    tumor = np.stack([_texture_tile(rng, tile, stroma, nucleus, density, radius) for _ in range(n)])
     return normal, tumor
 
 
@@ -201,7 +230,7 @@ class _SlideRenderer:
             if positive
             else np.zeros_like(self.tissue)
         )
-        self.normal_bank, self.tumor_bank = _texture_bank(rng, t)
+        self.normal_bank, self.tumor_bank = _texture_bank(rng, t, tumor_contrast=cfg.tumor_contrast)
         jitter = (1 + rng.uniform(-cfg.stain_jitter, cfg.stain_jitter, 3)).astype(np.float32)
         self.normal_bank = self.normal_bank * jitter
         self.tumor_bank = self.tumor_bank * jitter
@@ -336,6 +365,8 @@ def make_slide(
         "tumor_area_px": int(renderer.tumor.sum()) * step * step,
         "tumor_bbox": None,
     }
+    if cfg.tumor_contrast != 1.0:  # key left out at the default: annotations stay byte-identical
+        truth["tumor_contrast"] = cfg.tumor_contrast
     if positive:
         ys, xs = np.nonzero(renderer.tumor)
         truth["tumor_bbox"] = [
@@ -444,6 +475,7 @@ def _same_slide(ann_path: Path, row: dict, cfg: CohortConfig) -> bool:
         and ann.get("width") == cfg.size
         and ann.get("height") == (cfg.height or cfg.size)
         and ann.get("mpp") == cfg.mpp
+        and ann.get("tumor_contrast", 1.0) == cfg.tumor_contrast
     )
 
 

@@ -144,3 +144,57 @@ def test_cli_make_cohort_with_underscore_alias(tmp_path):
     assert list(df["slide_id"]) == ["slide_000", "slide_001"]
     bad = CliRunner().invoke(main, ["make-cohort", str(out), "--size", "10"])
     assert bad.exit_code != 0
+
+
+def _tumour_vs_normal_gap(path, truth) -> float:
+    """Mean |RGB| difference between tumour and normal tissue, masks from the annotation."""
+    import cv2
+
+    with open_slide(path) as slide:
+        img = slide.read_region((0, 0), 0, slide.dimensions).astype(float)
+    masks = {}
+    for key in ("tissue_contours", "tumor_contours"):
+        mask = np.zeros(img.shape[:2], np.uint8)
+        for contour in truth[key]:
+            cv2.fillPoly(mask, [np.asarray(contour, np.int32).reshape(-1, 1, 2)], 1)
+        masks[key] = cv2.erode(mask, np.ones((33, 33), np.uint8)).astype(bool)  # away from edges
+    tumour = masks["tumor_contours"]
+    normal = masks["tissue_contours"] & ~cv2.dilate(
+        masks["tumor_contours"].astype(np.uint8), np.ones((97, 97), np.uint8)
+    ).astype(bool)
+    assert tumour.sum() > 500 and normal.sum() > 500
+    return float(np.abs(img[tumour].mean(0) - img[normal].mean(0)).mean())
+
+
+def test_tumor_contrast_knob(tmp_path):
+    default = make_slide(tmp_path / "d.tif", size=1024, seed=7, positive=True)
+    cfg_one = CohortConfig(out_dir=str(tmp_path), tumor_contrast=1.0)
+    make_slide(tmp_path / "one.tif", size=1024, seed=7, positive=True, cfg=cfg_one)
+    assert _sha(tmp_path / "one.tif") == _sha(tmp_path / "d.tif")  # 1.0 = today's slides
+    assert "tumor_contrast" not in default
+    gaps = []
+    for contrast in (1.0, 0.3, 0.0):
+        cfg = CohortConfig(out_dir=str(tmp_path), tumor_contrast=contrast, tumor_frac=0.1)
+        path = tmp_path / f"c{contrast}.tif"
+        truth = make_slide(path, size=1024, seed=7, positive=True, cfg=cfg)
+        assert truth["tumor_area_px"] > 0  # the tumour is still annotated, only harder to see
+        gaps.append(_tumour_vs_normal_gap(path, truth))
+    assert gaps[0] > 50  # the distinct default texture
+    assert gaps[1] < 0.5 * gaps[0]
+    assert gaps[2] < 0.1 * gaps[0]  # no contrast: tumour pixels look like normal tissue
+    with pytest.raises(ValueError, match="tumor_contrast"):
+        CohortConfig(out_dir=str(tmp_path), tumor_contrast=1.5)
+
+
+def test_cli_make_cohort_tumor_contrast_resumes_only_same_contrast(tmp_path):
+    args = ["make-cohort", str(tmp_path), "--n-slides", "2", "--size", "1024", "--seed", "4"]
+    low = CliRunner().invoke(main, args + ["--tumor-contrast", "0.3"])
+    assert low.exit_code == 0, low.output
+    assert json.loads((tmp_path / "cohort_config.json").read_text())["tumor_contrast"] == 0.3
+    slide = tmp_path / "slides" / "slide_000.tif"
+    made = slide.stat().st_mtime_ns
+    again = CliRunner().invoke(main, args + ["--tumor_contrast", "0.3"])  # alias; resumes
+    assert again.exit_code == 0 and slide.stat().st_mtime_ns == made
+    assert CliRunner().invoke(main, args).exit_code == 0  # default contrast: slides redone
+    assert slide.stat().st_mtime_ns != made
+    assert read_annotation(tmp_path, "slide_000").get("tumor_contrast") is None
