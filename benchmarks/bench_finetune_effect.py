@@ -31,9 +31,8 @@ from matplotlib.path import Path as PolyPath
 from clam_mcmkd.clam_io import read_coords_h5, read_dataset_csv, write_features
 from clam_mcmkd.cohort import make_cohort, read_annotation
 from clam_mcmkd.encoders import PatchTransforms, create_encoder
-from clam_mcmkd.features import ExtractConfig, extract_features
+from clam_mcmkd.features import ExtractConfig, encode_patches, extract_features
 from clam_mcmkd.finetune import FinetuneConfig, finetune, output_paths
-from clam_mcmkd.mcmkd.teacher_cache import encode_patches
 from clam_mcmkd.mil import TrainConfig, train
 from clam_mcmkd.slides import open_slide
 from clam_mcmkd.splits import SplitConfig, make_splits
@@ -131,7 +130,7 @@ def teacher_features(teacher_ckpt: Path, per_slide: dict, feat_dir: Path) -> Non
     enc = create_encoder("resnet18", pretrained=False, ckpt=teacher_ckpt)
     enc = enc._replace(transforms=PatchTransforms(SIZE, enc.transforms.mean, enc.transforms.std))
     for sid, (imgs, coords) in per_slide.items():
-        feats = encode_patches(enc, torch.from_numpy(imgs), "cpu", 128)
+        feats = encode_patches(enc, imgs, batch_size=128, device="cpu")
         write_features(feat_dir, sid, feats, coords)
 
 

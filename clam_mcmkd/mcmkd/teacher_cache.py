@@ -20,9 +20,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from ..encoders import Encoder, PatchTransforms, create_encoder
+from ..features import encode_patches
 from ..utils import ClamMcmkdError, atomic_path, progress
 
 CACHE_FORMAT = "clam_mcmkd.teacher_cache/1"
@@ -170,20 +170,6 @@ class TeacherCache:
                     f.attrs[k] = v
 
 
-@torch.no_grad()
-def encode_patches(
-    encoder: Encoder, patches: torch.Tensor, device: str, batch_size: int = 64
-) -> np.ndarray:
-    """uint8 (N, P, P, 3) -> float32 (N, D) with the encoder's own batched transforms."""
-    out = []
-    autocast = str(device).startswith("cuda")
-    for i in range(0, len(patches), batch_size):
-        x = encoder.transforms.batch(patches[i : i + batch_size].to(device))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out.append(encoder.model(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, encoder.out_dim), np.float32)
-
-
 def fill_cache(
     cache: TeacherCache,
     slides: list,  # list[SlideWindows]
@@ -239,17 +225,11 @@ def fill_cache(
                         buf_p.append(p)
                 bar.update(1)
                 if len(buf_p) >= batch_size:
-                    feats_out.append(
-                        encode_patches(
-                            teacher, torch.from_numpy(np.stack(buf_p)), device, batch_size
-                        )
-                    )
+                    feats_out.append(encode_patches(teacher, np.stack(buf_p), batch_size, device))
                     coords_out += buf_c
                     buf_c, buf_p = [], []
             if buf_p:
-                feats_out.append(
-                    encode_patches(teacher, torch.from_numpy(np.stack(buf_p)), device, batch_size)
-                )
+                feats_out.append(encode_patches(teacher, np.stack(buf_p), batch_size, device))
                 coords_out += buf_c
         cache.merge(
             sw.slide_id,
