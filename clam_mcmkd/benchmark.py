@@ -196,7 +196,7 @@ def stage_dataset(cfg: BenchmarkConfig, layout: Layout) -> dict:
     df = clam_io.read_dataset_csv(cfg.labels, label_dict=cfg.label_dict)
     keep, dropped = [], {}
     for slide_id in df["slide_id"]:
-        path = layout.out / "patches" / f"{slide_id}.h5"
+        path = clam_io.coords_path(layout.out, slide_id)
         try:
             n = len(clam_io.read_coords_h5(path))
         except clam_io.ClamFormatError as err:
@@ -317,7 +317,7 @@ def stage_extract(cfg: BenchmarkConfig, layout: Layout, encoder: str, slide_ext:
         runner = "clam"
         missing = [s for s in slide_ids if not clam_io.features_done(feat_dir, s)]
         failed = {s: "CLAM wrote no features" for s in missing}
-        patches = sum(len(clam_io.read_coords_h5(layout.out / "patches" / f"{s}.h5"))
+        patches = sum(len(clam_io.read_coords_h5(clam_io.coords_path(layout.out, s)))
                       for s in slide_ids)  # fmt: skip
         rate = patches / max(time.time() - started, 1e-9)
     else:

@@ -156,6 +156,11 @@ def _attr_value(value: Any) -> Any:
     return value
 
 
+def coords_path(h5_dir: str | os.PathLike, slide_id: str) -> Path:
+    """CLAM's layout: ``<h5_dir>/patches/<slide_id>.h5`` (create_patches_fp.py's save_dir)."""
+    return Path(h5_dir) / "patches" / f"{slide_id}.h5"
+
+
 # ----------------------------------------------------------------------------- features
 
 

@@ -122,11 +122,6 @@ def encode_patches(
 # ----------------------------------------------------------------------------- one slide
 
 
-def coords_path(data_h5_dir: str | Path, slide_id: str) -> Path:
-    """CLAM's layout: ``<data_h5_dir>/patches/<slide_id>.h5``."""
-    return Path(data_h5_dir) / "patches" / f"{slide_id}.h5"
-
-
 def slide_path(cfg: ExtractConfig, slide_id: str) -> Path:
     return Path(cfg.data_slide_dir) / f"{slide_id}{cfg.slide_ext}"
 
@@ -193,7 +188,7 @@ def _check_config(cfg: ExtractConfig) -> None:
 
 
 def _extract_one(cfg, encoder, slide_id: str, device: str) -> int:
-    coords = clam_io.read_coords_h5(coords_path(cfg.data_h5_dir, slide_id))
+    coords = clam_io.read_coords_h5(clam_io.coords_path(cfg.data_h5_dir, slide_id))
     if len(coords) == 0:
         raise clam_io.ClamFormatError(coords.path, "no patches in the coords file")
     feats = extract_slide(

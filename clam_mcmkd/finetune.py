@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .clam_io import read_coords_h5, read_dataset_csv
+from .clam_io import coords_path, read_coords_h5, read_dataset_csv
 from .encoders import STUDENT_ARCHS, EncoderError, create_encoder, list_encoders
 from .mcmkd.losses import LOSSES, TargetStandardizer, mcmkd_loss_sums
 from .mcmkd.masking import MASK_STRATEGIES, num_masked, window_masks
@@ -201,7 +201,7 @@ def plan_windows(cfg: FinetuneConfig) -> WindowPlan:
     df = read_dataset_csv(cfg.csv_path, require_label=False)
     slides = []
     for slide_id in df["slide_id"]:
-        h5 = Path(cfg.data_h5_dir) / "patches" / f"{slide_id}.h5"
+        h5 = coords_path(cfg.data_h5_dir, slide_id)
         slide_path = Path(cfg.data_slide_dir) / f"{slide_id}{cfg.slide_ext}"
         if not h5.is_file():
             summary.skipped.append(slide_id)

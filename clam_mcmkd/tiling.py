@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .clam_io import SLIDE_EXTENSIONS, read_coords_h5, slide_id_of, write_coords_h5
+from .clam_io import SLIDE_EXTENSIONS, coords_path, read_coords_h5, slide_id_of, write_coords_h5
 from .slides import Slide, SlideError, open_slide
 from .utils import ClamMcmkdError, RunSummary, atomic_path, progress, save_config
 
@@ -400,7 +400,7 @@ def tile_slide(path: str | os.PathLike, cfg: TileConfig) -> dict:
         )
     else:
         write_coords_h5(
-            save_dir / "patches" / f"{slide_id}.h5",
+            coords_path(save_dir, slide_id),
             coords,
             patch_size=geom.patch_size,
             patch_level=geom.patch_level,
@@ -469,7 +469,7 @@ def tile_slides(cfg: TileConfig) -> RunSummary:
     bar = progress(slides, desc="tile", unit="slide")
     for path in bar:
         slide_id = slide_id_of(path)
-        h5_path = save_dir / "patches" / f"{slide_id}.h5"
+        h5_path = coords_path(save_dir, slide_id)
         started = time.time()
         if h5_path.is_file() and not cfg.no_auto_skip:
             try:
