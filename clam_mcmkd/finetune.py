@@ -30,6 +30,7 @@ from torch import nn
 from . import distributed as dist_utils
 from .clam_io import coords_path, read_coords_h5, read_dataset_csv
 from .encoders import STUDENT_ARCHS, EncoderError, create_encoder, list_encoders
+from .features import prepare_encoder
 from .mcmkd.losses import LOSSES, TargetStandardizer, mcmkd_loss_sums
 from .mcmkd.masking import MASK_STRATEGIES, num_masked, window_masks
 from .mcmkd.predictor import ContextPredictor
@@ -274,10 +275,7 @@ def _split_windows(slides: list, cfg: FinetuneConfig) -> tuple[list[WindowRef], 
 
 def build_student(cfg: FinetuneConfig, device: str):
     enc = create_encoder(cfg.student, pretrained=cfg.pretrained, target_img_size=cfg.input_size)
-    model = enc.model.to(device)
-    if str(device).startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)
-    return enc, model
+    return enc, prepare_encoder(enc, device)
 
 
 def set_student_mode(student: nn.Module, freeze_bn: bool) -> None:
