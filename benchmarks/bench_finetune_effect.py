@@ -31,7 +31,8 @@ from matplotlib.path import Path as PolyPath
 from clam_mcmkd.clam_io import read_coords_h5, read_dataset_csv, write_features
 from clam_mcmkd.cohort import make_cohort, read_annotation
 from clam_mcmkd.encoders import PatchTransforms, create_encoder
-from clam_mcmkd.features import ExtractConfig, encode_patches, extract_features
+from clam_mcmkd.encoders.forward import encode_patches
+from clam_mcmkd.features import ExtractConfig, extract_features
 from clam_mcmkd.finetune import FinetuneConfig, finetune, output_paths
 from clam_mcmkd.mil import TrainConfig, train
 from clam_mcmkd.slides import open_slide

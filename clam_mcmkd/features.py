@@ -3,16 +3,14 @@
 Same inputs and outputs as CLAM (coords from ``<data_h5_dir>/patches/<id>.h5``, features to
 ``<feat_dir>/h5_files`` and ``<feat_dir>/pt_files``), same encoders and transforms, but patches
 come from :mod:`clam_mcmkd.patch_loader` (tile-level JPEG decoding) and are resized and
-normalised as whole batches on the device. :func:`encode_batches` is the one model-forward loop
-of the project: fine-tuning and benchmarks call it too.
+normalised as whole batches on the device, through the one forward path
+(:mod:`clam_mcmkd.encoders.forward`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +18,13 @@ import numpy as np
 
 from . import clam_io
 from .distributed import DistInfo, barrier, cleanup, init_distributed, rank_device, shard
+from .encoders.forward import autocast_dtype, encode_batches
 from .utils import ClamMcmkdError, RunSummary, progress, resolve_device, save_config
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "extract_config.json"
 SUMMARY_NAME = "extract_summary.json"
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -46,77 +44,6 @@ class ExtractConfig:
     pretrained: bool = True
     precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
     init_seed: int = 0  # weights of pretrained=False models (same in every rank/run)
-
-
-# ----------------------------------------------------------------------------- model forward
-
-
-def autocast_dtype(device: str, precision: str = "auto"):
-    """The autocast dtype for a device and precision name (None: plain float32)."""
-    import torch
-
-    if precision not in PRECISIONS:
-        raise ClamMcmkdError(f"unknown precision '{precision}' (choices: {', '.join(PRECISIONS)})")
-    if precision == "fp32" or not str(device).startswith("cuda"):
-        return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
-
-
-def prepare_encoder(encoder, device: str):
-    """Move the model to `device`; channels-last on CUDA (faster convolutions)."""
-    import torch
-
-    model = encoder.model.to(device)
-    if str(device).startswith("cuda"):
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def encode_batch(encoder, images, device: str = "cpu", precision: str = "auto"):
-    """uint8 (B, H, W, 3) patches (or float batches already through ``encoder.transforms``)
-    -> float32 features (B, D) on the CPU.
-
-    The model must already be on `device` (see :func:`prepare_encoder`); its train/eval mode is
-    left as the caller set it. Resize and normalisation run batched on the device.
-    """
-    import torch
-
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    cuda = str(device).startswith("cuda")
-    x = images.to(device, non_blocking=cuda)
-    if x.dtype == torch.uint8:  # else already transformed (by the loader)
-        x = encoder.transforms.batch(x)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    dtype = autocast_dtype(device, precision)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=dtype)
-        if dtype is not None
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), autocast:
-        out = encoder.model(x)
-    return out.float().cpu()
-
-
-def encode_batches(
-    encoder, batches: Iterable, device: str = "cpu", precision: str = "auto"
-) -> np.ndarray:
-    """Encode an iterable of uint8 (B, H, W, 3) batches; features (N, D) float32 in order."""
-    prepare_encoder(encoder, device)
-    outs = [encode_batch(encoder, b, device, precision).numpy() for b in batches]
-    if not outs:
-        return np.zeros((0, encoder.out_dim), np.float32)
-    return np.concatenate(outs).astype(np.float32, copy=False)
-
-
-def encode_patches(
-    encoder, patches: np.ndarray, batch_size: int = 64, device: str = "cpu", precision="auto"
-) -> np.ndarray:
-    """Encode an in-memory uint8 (N, H, W, 3) array of patches in batches."""
-    chunks = (patches[i : i + batch_size] for i in range(0, len(patches), batch_size))
-    return encode_batches(encoder, chunks, device, precision)
 
 
 # ----------------------------------------------------------------------------- one slide
@@ -224,7 +151,7 @@ def _merge(local: RunSummary, patches: int, seconds: float, info: DistInfo):
 
 def extract_features(cfg: ExtractConfig) -> RunSummary:
     """Extract features for every slide of the CSV; each rank takes its share under torchrun."""
-    from .encoders import create_encoder
+    from .encoders import create_encoder, prepare_encoder
 
     _check_config(cfg)
     device = resolve_device(cfg.device)

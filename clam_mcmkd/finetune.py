@@ -30,7 +30,7 @@ from torch import nn
 from . import distributed as dist_utils
 from .clam_io import coords_path, read_coords_h5, read_dataset_csv
 from .encoders import STUDENT_ARCHS, EncoderError, create_encoder, list_encoders
-from .features import prepare_encoder
+from .encoders.forward import prepare_encoder
 from .mcmkd.losses import LOSSES, TargetStandardizer, mcmkd_loss_sums
 from .mcmkd.masking import MASK_STRATEGIES, num_masked, window_masks
 from .mcmkd.predictor import ContextPredictor
@@ -759,7 +759,7 @@ def _finetune(cfg: FinetuneConfig, device: str, info: dist_utils.DistInfo) -> Pa
             val_masked_positions=val_after["positions"],
         )
     if info.is_main:
-        from .encoders import save_student_checkpoint
+        from .encoders.checkpoint import save_student_checkpoint
 
         plan.summary.extra.update(
             teacher_patches_computed=metrics["teacher_patches_computed"],

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,18 @@ def progress(iterable=None, **kwargs):
     kwargs.setdefault("mininterval", 1.0)
     kwargs.setdefault("disable", os.environ.get("CLAM_MCMKD_NO_PROGRESS") == "1")
     return tqdm(iterable, **kwargs)
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A package ``__getattr__`` that imports each public name from its module on first use.
+
+    Package ``__init__`` files use it so that importing a light module of the package (a config
+    dataclass, a list of names) for the CLI does not import torch.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(exports[name], package), name)
+
+    return __getattr__

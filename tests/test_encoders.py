@@ -22,7 +22,7 @@ from clam_mcmkd.encoders import (
     read_student_checkpoint,
     save_student_checkpoint,
 )
-from clam_mcmkd.features import encode_patches
+from clam_mcmkd.encoders.forward import encode_patches
 
 torch.set_num_threads(2)
 

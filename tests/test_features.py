@@ -367,7 +367,7 @@ def test_torchrun_two_ranks_match_one_process(tiny_cohort, tmp_path):
 
 def test_encoder_matches_direct_forward(tiny_cohort):
     """encode_batches is the plain model on CLAM's transforms (what finetune/benchmark reuse)."""
-    from clam_mcmkd.features import encode_batches
+    from clam_mcmkd.encoders.forward import encode_batches
 
     enc = create_encoder("resnet18_trunc", pretrained=False, target_img_size=64)
     patches = openslide_patches(tiny_cohort / "slides" / "s0.tif", [[0, 0], [96, 96]], 0, 96)

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from ..encoders import Encoder, PatchTransforms, create_encoder
-from ..features import encode_patches
+from ..encoders.forward import encode_patches
 from ..utils import ClamMcmkdError, atomic_path, progress
 
 CACHE_FORMAT = "clam_mcmkd.teacher_cache/1"

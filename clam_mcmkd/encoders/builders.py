@@ -1,0 +1,157 @@
+"""The built-in encoders; each registers itself under its name on import:
+
+* ``resnet50_trunc`` - exactly CLAM's: timm ``resnet50.tv_in1k``, ``features_only=True,
+  out_indices=(3,)``, global average pool, 1024-d, Resize(224) -> ToTensor -> ImageNet Normalize.
+* ``resnet18_trunc`` - the same truncation of a ResNet-18 (256-d): a CPU-sized student for tests
+  and the demo.
+* ``mcmkd_resnet50`` - an MCM-KD fine-tuned student, loaded from ``ckpt=`` or ``MCMKD_CKPT_PATH``.
+* ``uni_v1`` - CLAM's UNI, from ``UNI_CKPT_PATH``, built as CLAM builds it.
+* any other name - a timm model (``hf-hub:`` names too) as a pooled feature extractor, optionally
+  with weights from a local checkpoint; used for teachers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .checkpoint import load_state_dict, read_student_checkpoint
+from .registry import Builder, Encoder, EncoderError, list_encoders, register_encoder
+from .transforms import PatchTransforms
+
+MCMKD_CKPT_ENV = "MCMKD_CKPT_PATH"
+
+
+class TimmCNNEncoder(nn.Module):
+    """CLAM's ``TimmCNNEncoder``: a truncated timm CNN + global average pooling.
+
+    Attribute names match CLAM's class so state dicts are interchangeable.
+    """
+
+    def __init__(
+        self, model_name: str = "resnet50.tv_in1k", out_indices=(3,), pretrained=True, pool=True
+    ):
+        super().__init__()
+        import timm
+
+        self.model = timm.create_model(
+            model_name,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            pretrained=pretrained,
+            num_classes=0,
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool else None
+        self.out_dim = int(self.model.feature_info.channels()[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, list):
+            out = out[-1]
+        if self.pool is not None:
+            out = self.pool(out).flatten(1)
+        return out
+
+
+class TimmPooledEncoder(nn.Module):
+    """A timm model with its classifier removed: one pooled feature vector per image."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.out_dim = int(model.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _trunc_builder(timm_name: str):
+    def build(pretrained=True, ckpt=None, target_img_size=224, **_):
+        model = TimmCNNEncoder(timm_name, pretrained=pretrained and ckpt is None)
+        if ckpt is not None:
+            load_state_dict(model, ckpt)
+        return Encoder(model, PatchTransforms(target_img_size), model.out_dim)
+
+    return build
+
+
+register_encoder("resnet50_trunc", "CLAM's ResNet-50 truncated after layer3, 1024-d (ImageNet)")(
+    _trunc_builder("resnet50.tv_in1k")
+)
+register_encoder("resnet18_trunc", "ResNet-18 truncated after layer3, 256-d (small student)")(
+    _trunc_builder("resnet18.tv_in1k")
+)
+
+
+@register_encoder("uni_v1", "UNI ViT-L/16 from UNI_CKPT_PATH, 1024-d, as CLAM builds it")
+def _build_uni(pretrained=True, ckpt=None, target_img_size=224, **_):
+    import timm
+
+    ckpt = ckpt or os.environ.get("UNI_CKPT_PATH")
+    if pretrained and not ckpt:
+        raise EncoderError("uni_v1 needs its checkpoint: set UNI_CKPT_PATH (or pass --ckpt)")
+    model = timm.create_model(
+        "vit_large_patch16_224",
+        img_size=224,
+        patch_size=16,
+        init_values=1e-5,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
+    if ckpt:  # with --no-pretrained and no checkpoint: seeded random weights, offline
+        load_state_dict(model, ckpt, strict=True)
+    return Encoder(
+        TimmPooledEncoder(model), PatchTransforms(target_img_size), int(model.num_features)
+    )
+
+
+def timm_builder(name: str) -> Builder:
+    def build(pretrained=True, ckpt=None, target_img_size=224, **kwargs):
+        import timm
+
+        try:
+            model = timm.create_model(
+                name, pretrained=pretrained and ckpt is None, num_classes=0, **kwargs
+            )
+        except RuntimeError as err:
+            if "Unknown model" in str(err) or "not found" in str(err).lower():
+                raise EncoderError(
+                    f"unknown encoder '{name}': not registered ({', '.join(list_encoders())}) and not a timm model"
+                ) from err
+            raise
+        except Exception as err:  # noqa: BLE001 - download/network failures
+            raise EncoderError(
+                f"cannot build encoder '{name}' ({type(err).__name__}: {err})"
+            ) from err
+        if ckpt is not None:
+            load_state_dict(model, ckpt)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        size = int(cfg["input_size"][-1])
+        transforms = PatchTransforms(size, tuple(cfg["mean"]), tuple(cfg["std"]))
+        return Encoder(TimmPooledEncoder(model), transforms, int(model.num_features))
+
+    return build
+
+
+@register_encoder(
+    "mcmkd_resnet50", "MCM-KD fine-tuned ResNet-50 trunc from --ckpt / MCMKD_CKPT_PATH"
+)
+def _build_mcmkd(pretrained=True, ckpt=None, target_img_size=224, **_):
+    ckpt = ckpt or os.environ.get(MCMKD_CKPT_ENV)
+    if not ckpt:
+        raise EncoderError(
+            f"mcmkd_resnet50 needs a checkpoint: pass --ckpt or set {MCMKD_CKPT_ENV}"
+            " (made by `clam-mcmkd finetune`)"
+        )
+    payload = read_student_checkpoint(ckpt)
+    model = TimmCNNEncoder(payload["timm_name"], pretrained=False)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise EncoderError(f"{ckpt}: student weights do not fit {payload['arch']} ({err})") from err
+    transforms = PatchTransforms(
+        int(payload["input_size"]), tuple(payload["mean"]), tuple(payload["std"])
+    )
+    return Encoder(model, transforms, int(payload["out_dim"]))
