@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from clam_mcmkd import clam_io
+from clam_mcmkd.clam import formats as clam_io
 from clam_mcmkd.encoders import PatchTransforms, create_encoder
 from clam_mcmkd.encoders.forward import encode_batch, prepare_encoder
 from clam_mcmkd.patch_loader import PatchReader, _tiff_pages, iter_patch_batches

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from clam_mcmkd.clam_io import write_dataset_csv
+from clam_mcmkd.clam.formats import write_dataset_csv
 from clam_mcmkd.encoders import create_encoder, encoder_flops_params
 from clam_mcmkd.finetune import FinetuneConfig, finetune, output_paths
 from clam_mcmkd.mcmkd import teacher_cache

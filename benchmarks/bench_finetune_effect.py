@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from matplotlib.path import Path as PolyPath
 
-from clam_mcmkd.clam_io import read_coords_h5, read_dataset_csv, write_features
+from clam_mcmkd.clam.formats import read_coords_h5, read_dataset_csv, write_features
 from clam_mcmkd.cohort import make_cohort, read_annotation
 from clam_mcmkd.encoders import PatchTransforms, create_encoder
 from clam_mcmkd.encoders.forward import encode_patches
@@ -140,7 +140,7 @@ def patch_probe(per_slide: dict, labels: dict, feat_dirs: dict) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from clam_mcmkd.clam_io import read_features
+    from clam_mcmkd.clam.formats import read_features
 
     sids = sorted(labels)
     train_s, test_s = sids[::2], sids[1::2]

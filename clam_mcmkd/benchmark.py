@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import clam_io
 from .bench_config import MCMKD_ENCODER, BenchmarkConfig
+from .clam import formats
 from .utils import ClamMcmkdError, atomic_write_text, to_jsonable
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,9 @@ def _slide_ext(cfg: BenchmarkConfig) -> str:
     """The configured extension, else the one the first labelled slide has on disk."""
     if cfg.slide_ext:
         return cfg.slide_ext
-    df = clam_io.read_dataset_csv(cfg.labels)
+    df = formats.read_dataset_csv(cfg.labels)
     for path in sorted(Path(cfg.slides).iterdir()):
-        if clam_io.slide_id_of(path.name) in set(df["slide_id"]) and path.suffix:
+        if formats.slide_id_of(path.name) in set(df["slide_id"]) and path.suffix:
             return "".join(path.suffixes[-1:])
     raise BenchmarkError(f"{cfg.slides}: no slide file for any slide_id of {cfg.labels}")
 
@@ -193,13 +193,13 @@ def stage_tile(cfg: BenchmarkConfig, layout: Layout, slide_ext: str) -> dict:
 
 def stage_dataset(cfg: BenchmarkConfig, layout: Layout) -> dict:
     """The labels CSV restricted to slides with a non-empty coords file (same rows for all)."""
-    df = clam_io.read_dataset_csv(cfg.labels, label_dict=cfg.label_dict)
+    df = formats.read_dataset_csv(cfg.labels, label_dict=cfg.label_dict)
     keep, dropped = [], {}
     for slide_id in df["slide_id"]:
-        path = clam_io.coords_path(layout.out, slide_id)
+        path = formats.coords_path(layout.out, slide_id)
         try:
-            n = len(clam_io.read_coords_h5(path))
-        except clam_io.ClamFormatError as err:
+            n = len(formats.read_coords_h5(path))
+        except formats.ClamFormatError as err:
             dropped[slide_id] = err.problem
             continue
         if n == 0:
@@ -212,7 +212,7 @@ def stage_dataset(cfg: BenchmarkConfig, layout: Layout) -> dict:
     if rows.empty:
         raise BenchmarkError(f"{cfg.labels}: no slide has tissue patches in {layout.out}/patches")
     columns = ["case_id", "slide_id", "label"]
-    clam_io.write_dataset_csv(layout.dataset_csv, rows[columns].to_dict("records"))
+    formats.write_dataset_csv(layout.dataset_csv, rows[columns].to_dict("records"))
     fixed_test: list[str] = []
     if cfg.splits.fixed_test_column:
         col = cfg.splits.fixed_test_column
@@ -232,7 +232,7 @@ def stage_dataset(cfg: BenchmarkConfig, layout: Layout) -> dict:
 
 
 def _write_id_csv(path: Path, slide_ids: list[str]) -> None:
-    clam_io.write_dataset_csv(path, [{"case_id": s, "slide_id": s, "label": ""} for s in slide_ids])
+    formats.write_dataset_csv(path, [{"case_id": s, "slide_id": s, "label": ""} for s in slide_ids])
 
 
 def stage_splits(cfg: BenchmarkConfig, layout: Layout) -> dict:
@@ -310,14 +310,14 @@ def stage_extract(cfg: BenchmarkConfig, layout: Layout, encoder: str, slide_ext:
         pretrained=cfg.pretrained,
         **e.options,
     )
-    slide_ids = clam_io.read_dataset_csv(layout.dataset_csv)["slide_id"].tolist()
+    slide_ids = formats.read_dataset_csv(layout.dataset_csv)["slide_id"].tolist()
     started = time.time()
     if cfg.clam_dir and encoder in CLAM_EXTRACT_MODELS:
         _run_clam_extract(cfg, ex_cfg)
         runner = "clam"
-        missing = [s for s in slide_ids if not clam_io.features_done(feat_dir, s)]
+        missing = [s for s in slide_ids if not formats.features_done(feat_dir, s)]
         failed = {s: "CLAM wrote no features" for s in missing}
-        patches = sum(len(clam_io.read_coords_h5(clam_io.coords_path(layout.out, s)))
+        patches = sum(len(formats.read_coords_h5(formats.coords_path(layout.out, s)))
                       for s in slide_ids)  # fmt: skip
         rate = patches / max(time.time() - started, 1e-9)
     else:
@@ -444,9 +444,9 @@ def stage_train(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str) 
 
 def _clam_task(cfg: BenchmarkConfig) -> str:
     """The patched CLAM task whose label dict matches this benchmark's labels."""
-    from .clam_compat import CLAM_TASKS
+    from .clam.compat import CLAM_TASKS
 
-    labels = set(clam_io.read_dataset_csv(cfg.labels)["label"])
+    labels = set(formats.read_dataset_csv(cfg.labels)["label"])
     for name, label_dict in CLAM_TASKS.items():
         if name == cfg.name or (labels <= set(label_dict) and cfg.name not in CLAM_TASKS):
             return name
@@ -457,8 +457,8 @@ def _clam_task(cfg: BenchmarkConfig) -> str:
 
 
 def _run_clam_train(cfg: BenchmarkConfig, tr) -> None:
-    sample = clam_io.read_dataset_csv(tr.csv_path)["slide_id"].iloc[0]
-    embed_dim = clam_io.read_features(tr.data_root_dir, sample).shape[1]
+    sample = formats.read_dataset_csv(tr.csv_path)["slide_id"].iloc[0]
+    embed_dim = formats.read_features(tr.data_root_dir, sample).shape[1]
     Path(tr.results_dir).mkdir(parents=True, exist_ok=True)  # CLAM makes only the last level
     args = [
         "main.py",

@@ -525,7 +525,7 @@ def patch_clam_cmd(clam_dir: str, action: str | None, patches_dir: str | None) -
     Idempotent: a second run changes nothing. Refuses a directory that is not CLAM, or a CLAM
     whose files differ where the patches go (then nothing is changed).
     """
-    from .clam_patch import CONFLICT, PatchError, patch_clam
+    from .clam.patch import CONFLICT, PatchError, patch_clam
 
     run = patch_clam(clam_dir, action or "apply", patches_dir)
     for line in run.lines():

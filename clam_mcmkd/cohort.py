@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .clam_io import write_dataset_csv
+from .clam.formats import write_dataset_csv
 from .utils import atomic_path, atomic_write_text, progress, save_config
 
 LABELS = ("normal", "tumor")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import clam_io
+from .clam import formats
 from .distributed import DistInfo, barrier, cleanup, init_distributed, rank_device, shard
 from .encoders.forward import autocast_dtype, encode_batches
 from .utils import ClamMcmkdError, RunSummary, progress, resolve_device, save_config
@@ -56,7 +56,7 @@ def slide_path(cfg: ExtractConfig, slide_id: str) -> Path:
 def extract_slide(
     encoder,
     slide_file: str | Path,
-    coords: clam_io.CoordsH5,
+    coords: formats.CoordsH5,
     *,
     batch_size: int = 256,
     num_workers: int = 0,
@@ -94,8 +94,8 @@ def extract_slide(
 def slide_ids_for(cfg: ExtractConfig) -> list[str]:
     """Slide ids from the CSV (CLAM's), or every coords file when no CSV is given."""
     if cfg.csv_path:
-        df = clam_io.read_dataset_csv(cfg.csv_path, require_label=False)
-        return [clam_io.slide_id_of(s, cfg.slide_ext) for s in df["slide_id"]]
+        df = formats.read_dataset_csv(cfg.csv_path, require_label=False)
+        return [formats.slide_id_of(s, cfg.slide_ext) for s in df["slide_id"]]
     patch_dir = Path(cfg.data_h5_dir) / "patches"
     if not patch_dir.is_dir():
         raise ClamMcmkdError(f"{patch_dir}: no coords directory (expected CLAM's patches/ folder)")
@@ -115,9 +115,9 @@ def _check_config(cfg: ExtractConfig) -> None:
 
 
 def _extract_one(cfg, encoder, slide_id: str, device: str) -> int:
-    coords = clam_io.read_coords_h5(clam_io.coords_path(cfg.data_h5_dir, slide_id))
+    coords = formats.read_coords_h5(formats.coords_path(cfg.data_h5_dir, slide_id))
     if len(coords) == 0:
-        raise clam_io.ClamFormatError(coords.path, "no patches in the coords file")
+        raise formats.ClamFormatError(coords.path, "no patches in the coords file")
     feats = extract_slide(
         encoder,
         slide_path(cfg, slide_id),
@@ -133,7 +133,7 @@ def _extract_one(cfg, encoder, slide_id: str, device: str) -> int:
         "patch_size": coords.patch_size,
         "target_patch_size": encoder.transforms.input_size,
     }
-    clam_io.write_features(cfg.feat_dir, slide_id, feats, coords.coords, attrs=attrs)
+    formats.write_features(cfg.feat_dir, slide_id, feats, coords.coords, attrs=attrs)
     return len(feats)
 
 
@@ -176,7 +176,7 @@ def extract_features(cfg: ExtractConfig) -> RunSummary:
         mine = shard(slide_ids, info)
         bar = progress(mine, desc=f"features[{info.rank}]" if info.enabled else "features")
         for slide_id in bar:
-            if not cfg.no_auto_skip and clam_io.features_done(feat_dir, slide_id):
+            if not cfg.no_auto_skip and formats.features_done(feat_dir, slide_id):
                 local.skipped.append(slide_id)
                 continue
             t0 = time.perf_counter()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .clam_io import coords_path, read_coords_h5, read_dataset_csv
+from .clam.formats import coords_path, read_coords_h5, read_dataset_csv
 from .encoders import STUDENT_ARCHS, EncoderError, create_encoder, list_encoders
 from .encoders.forward import prepare_encoder
 from .mcmkd.losses import LOSSES, TargetStandardizer, mcmkd_loss_sums

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import clam_io
+from .clam import formats
 from .mil_models import attention_scores, build_model, load_weights, make_loss
 from .splits import canonical_labels
 from .utils import (
@@ -143,10 +143,10 @@ class BagStore:
         self.embed_dim = self._check_widths()
 
     def _exists(self, slide_id: str) -> bool:
-        return any(p.is_file() for p in clam_io.feature_paths(self.feat_dir, slide_id))
+        return any(p.is_file() for p in formats.feature_paths(self.feat_dir, slide_id))
 
     def _read(self, slide_id: str) -> torch.Tensor:
-        feats = torch.from_numpy(clam_io.read_features(self.feat_dir, slide_id))
+        feats = torch.from_numpy(formats.read_features(self.feat_dir, slide_id))
         self.widths[slide_id] = feats.shape[1]
         return feats
 
@@ -183,15 +183,15 @@ class BagStore:
 
 def _labelled_dataset(csv_path: str, label_dict: Mapping[str, int] | None):
     """Dataset CSV with ``label_index``; the label dict is validated against it."""
-    raw = clam_io.read_dataset_csv(csv_path)
-    label_dict = dict(label_dict or clam_io.default_label_dict(raw["label"].tolist()))
+    raw = formats.read_dataset_csv(csv_path)
+    label_dict = dict(label_dict or formats.default_label_dict(raw["label"].tolist()))
     indices = sorted(set(label_dict.values()))
     if indices != list(range(len(indices))):
         raise MilDataError(f"label dict class indices must be 0..C-1, got {label_dict}")
     unknown = sorted(set(raw["label"]) - set(label_dict))
     if unknown:
         raise MilDataError(f"{csv_path}: label(s) {unknown} are not in the label dict {label_dict}")
-    return clam_io.read_dataset_csv(csv_path, label_dict=label_dict), label_dict
+    return formats.read_dataset_csv(csv_path, label_dict=label_dict), label_dict
 
 
 def _split_bags(df, split: Mapping[str, Sequence[str]], source: str) -> dict[str, list[Bag]]:
@@ -421,7 +421,7 @@ def _fold_row(fold: int, test: SetResult, val: SetResult | None) -> dict:
 def _write_fold_outputs(run_dir: Path, fold: int, row: dict, test: SetResult, class_names):
     write_predictions(run_dir / f"fold_{fold}_predictions.csv", test, class_names)
     atomic_write_text(_metrics_path(run_dir, fold), json.dumps(row, indent=2) + "\n")
-    clam_io.write_pkl(run_dir / f"split_{fold}_results.pkl", test.patient_results())  # last
+    formats.write_pkl(run_dir / f"split_{fold}_results.pkl", test.patient_results())  # last
 
 
 # ----------------------------------------------------------------------------- train
@@ -524,8 +524,8 @@ def train(cfg: TrainConfig) -> Path:
 
     fold_bags = {}
     for fold in folds:
-        split_csv = clam_io.split_paths(cfg.split_dir, fold)[0]
-        split = clam_io.read_splits(cfg.split_dir, fold)
+        split_csv = formats.split_paths(cfg.split_dir, fold)[0]
+        split = formats.read_splits(cfg.split_dir, fold)
         fold_bags[fold] = _split_bags(df, split, str(split_csv))
     todo = [f for f in folds if not _fold_done(run_dir, f)]
     need_data = todo + [
@@ -545,7 +545,7 @@ def train(cfg: TrainConfig) -> Path:
         bags = fold_bags[fold]
         if fold in todo:
             started = time.time()
-            clam_io.write_splits(
+            formats.write_splits(
                 run_dir, fold, {k: [b.slide_id for b in v] for k, v in bags.items()},
                 {s: class_names[i] for s, i in zip(df["slide_id"], df["label_index"])},
                 {n: i for i, n in class_names.items()},
@@ -562,7 +562,7 @@ def train(cfg: TrainConfig) -> Path:
             log.info("fold %d: checkpoint and results exist, skipped", fold)
             row = _saved_row(run_dir, fold, bags, store, cfg_saved, n_classes, device)
         rows.append(row)
-    return clam_io.write_summary(run_dir, rows, name=_summary_name(folds, cfg.k))
+    return formats.write_summary(run_dir, rows, name=_summary_name(folds, cfg.k))
 
 
 def _saved_row(run_dir, fold, bags, store, cfg: TrainConfig, n_classes, device) -> dict:
@@ -590,8 +590,8 @@ def _eval_sets(cfg: EvalConfig, df, fold: int) -> tuple[list[Bag], list[Bag] | N
     """(bags evaluated as 'test', validation bags or None)."""
     if cfg.split_dir is None:
         return [Bag(s, int(y)) for s, y in zip(df["slide_id"], df["label_index"])], None
-    split = clam_io.read_splits(cfg.split_dir, fold)
-    bags = _split_bags(df, split, str(clam_io.split_paths(cfg.split_dir, fold)[0]))
+    split = formats.read_splits(cfg.split_dir, fold)
+    bags = _split_bags(df, split, str(formats.split_paths(cfg.split_dir, fold)[0]))
     if cfg.split == "all":
         wanted = {b.slide_id for v in bags.values() for b in v}
         chosen = [Bag(s, int(y)) for s, y in zip(df["slide_id"], df["label_index"]) if s in wanted]
@@ -656,7 +656,7 @@ def evaluate(cfg: EvalConfig) -> Path:
             len(test_bags),
         )
         rows.append(row)
-    return clam_io.write_summary(eval_dir, rows, name=_summary_name(folds, k))
+    return formats.write_summary(eval_dir, rows, name=_summary_name(folds, k))
 
 
 def parse_label_dict(text: str | None) -> dict[str, int] | None:

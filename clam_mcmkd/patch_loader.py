@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .clam_io import CoordsH5
+from .clam.formats import CoordsH5
 from .slides import Slide, SlideError, open_slide
 
 log = logging.getLogger(__name__)

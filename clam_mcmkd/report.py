@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .clam_io import ClamFormatError, read_pkl, read_summary
+from .clam.formats import ClamFormatError, read_pkl, read_summary
 from .utils import ClamMcmkdError, atomic_path, atomic_write_text, to_jsonable
 
 METRICS = ("test_auc", "test_acc", "val_auc", "val_acc")

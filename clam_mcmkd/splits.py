@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import clam_io
+from .clam import formats
 from .utils import ClamMcmkdError, save_config
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def read_slide_list(path: str | Path) -> list[str]:
         values = pd.read_csv(path, dtype=str, header=None, keep_default_na=False)[0]
         if len(values) and values.iloc[0].strip().lower() in {"slide", "slide_id", "id", "name"}:
             values = values.iloc[1:]
-    ids = [clam_io.slide_id_of(v.strip()) for v in values if v.strip()]
+    ids = [formats.slide_id_of(v.strip()) for v in values if v.strip()]
     if not ids:
         raise SplitError(f"{path}: no slide ids")
     return ids
@@ -156,9 +156,9 @@ def make_splits(cfg: SplitConfig) -> list[Path]:
             raise SplitError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
     if not 0 < cfg.label_frac <= 1:
         raise SplitError(f"label_frac must be in (0, 1], got {cfg.label_frac}")
-    raw = clam_io.read_dataset_csv(cfg.csv_path)
-    label_dict = cfg.label_dict or clam_io.default_label_dict(raw["label"].tolist())
-    df = clam_io.read_dataset_csv(cfg.csv_path, label_dict=label_dict)
+    raw = formats.read_dataset_csv(cfg.csv_path)
+    label_dict = cfg.label_dict or formats.default_label_dict(raw["label"].tolist())
+    df = formats.read_dataset_csv(cfg.csv_path, label_dict=label_dict)
     names = canonical_labels(label_dict)
     unit_rows, unit_labels = _units(df, cfg.patient_strat)
     fixed = _fixed_test_units(df, unit_rows, cfg) if cfg.fixed_test else None
@@ -175,7 +175,7 @@ def make_splits(cfg: SplitConfig) -> list[Path]:
             key: [str(slide_ids[r]) for u in units for r in unit_rows[u]]
             for key, units in zip(("train", "val", "test"), unit_split)
         }
-        paths.append(clam_io.write_splits(cfg.split_dir, i, split, labels, canon_dict)[0])
+        paths.append(formats.write_splits(cfg.split_dir, i, split, labels, canon_dict)[0])
         log.info(
             "fold %d: %d train, %d val, %d test slides",
             i,

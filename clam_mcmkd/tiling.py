@@ -26,7 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .clam_io import SLIDE_EXTENSIONS, coords_path, read_coords_h5, slide_id_of, write_coords_h5
+from .clam.formats import (
+    SLIDE_EXTENSIONS,
+    coords_path,
+    read_coords_h5,
+    slide_id_of,
+    write_coords_h5,
+)
 from .slides import Slide, SlideError, open_slide
 from .utils import ClamMcmkdError, RunSummary, atomic_path, progress, save_config
 

@@ -89,7 +89,7 @@ def test_camelyon16_fixed_test_set_is_in_every_fold_and_never_fine_tuned_on(tmp_
     import numpy as np
 
     from clam_mcmkd.benchmark import Layout, stage_dataset, stage_splits
-    from clam_mcmkd.clam_io import read_dataset_csv, read_splits, write_coords_h5
+    from clam_mcmkd.clam.formats import read_dataset_csv, read_splits, write_coords_h5
 
     out = tmp_path / "out"
     rows = []

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from clam_mcmkd import clam_patch
-from clam_mcmkd.clam_compat import CLAM_TASKS, ClamTaskError, clam_task, get_clam_encoder
-from clam_mcmkd.clam_io import ClamFormatError
-from clam_mcmkd.clam_patch import (
+from clam_mcmkd.clam import patch as clam_patch
+from clam_mcmkd.clam.formats import ClamFormatError
+from clam_mcmkd.clam.patch import (
     APPLIED,
     APPLIES,
     CONFLICT,
@@ -27,6 +26,7 @@ from clam_mcmkd.clam_patch import (
     parse_patch,
     patch_clam,
 )
+from clam_mcmkd.clam_compat import CLAM_TASKS, ClamTaskError, clam_task, get_clam_encoder
 from clam_mcmkd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

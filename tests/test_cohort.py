@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from clam_mcmkd.clam_io import read_dataset_csv
+from clam_mcmkd.clam.formats import read_dataset_csv
 from clam_mcmkd.cli import main
 from clam_mcmkd.cohort import CohortConfig, make_cohort, make_slide, read_annotation
 from clam_mcmkd.slides import open_slide

@@ -17,7 +17,7 @@ import tifffile
 import torch
 from click.testing import CliRunner
 
-from clam_mcmkd import clam_io
+from clam_mcmkd.clam import formats as clam_io
 from clam_mcmkd.cli import main
 from clam_mcmkd.encoders import create_encoder
 from clam_mcmkd.features import SUMMARY_NAME, ExtractConfig, extract_features

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from clam_mcmkd.clam_io import read_coords_h5, write_coords_h5, write_dataset_csv
+from clam_mcmkd.clam.formats import read_coords_h5, write_coords_h5, write_dataset_csv
 from clam_mcmkd.encoders import EncoderError, create_encoder, read_student_checkpoint
 from clam_mcmkd.finetune import FinetuneConfig, finetune, output_paths, plan_windows
 from clam_mcmkd.mcmkd import teacher_cache

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
-from clam_mcmkd import clam_io
+from clam_mcmkd.clam import formats as clam_io
 from clam_mcmkd.cli import main
 from clam_mcmkd.mil import (
     EarlyStopping,

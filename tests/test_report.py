@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 
-from clam_mcmkd.clam_io import ClamFormatError, write_pkl, write_summary
+from clam_mcmkd.clam.formats import ClamFormatError, write_pkl, write_summary
 from clam_mcmkd.report import (
     ResultRun,
     load_test_predictions,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from clam_mcmkd import clam_io
+from clam_mcmkd.clam import formats as clam_io
 from clam_mcmkd.cli import main
 from clam_mcmkd.splits import SplitConfig, SplitError, make_splits
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from clam_mcmkd.clam_io import read_coords_h5
+from clam_mcmkd.clam.formats import read_coords_h5
 from clam_mcmkd.cli import main
 from clam_mcmkd.cohort import CohortConfig, make_slide, read_annotation
 from clam_mcmkd.slides import open_slide

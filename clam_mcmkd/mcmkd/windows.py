@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..clam_io import CoordsH5
+from ..clam.formats import CoordsH5
 from ..slides import Slide, open_slide
 from ..utils import ClamMcmkdError
 

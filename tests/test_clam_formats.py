@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from clam_mcmkd import clam_io
-from clam_mcmkd.clam_io import ClamFormatError
+from clam_mcmkd.clam import formats as clam_io
+from clam_mcmkd.clam.formats import ClamFormatError
 
 
 def _coords(n=7, seed=0):

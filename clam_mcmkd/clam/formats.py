@@ -3,7 +3,8 @@
 Every stage goes through this module, so that our files and CLAM's are interchangeable:
 coords h5 (``patches/<slide_id>.h5``), features (``h5_files/`` + ``pt_files/``), the dataset CSV,
 the k-fold split CSVs and the results summary. All writes are atomic (temp name, then rename),
-so a file that exists under its final name is complete.
+so a file that exists under its final name is complete. h5py, pandas and torch are imported where
+they are used, so the CLI can import this module (through the stage configs) at once.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from .utils import ClamMcmkdError, atomic_path
+from ..utils import ClamMcmkdError, atomic_path
 
 SLIDE_EXTENSIONS = (
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
@@ -93,6 +93,8 @@ def write_coords_h5(
     extra_attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write coords exactly as CLAM's ``create_patches_fp.py`` does (dataset + attrs on it)."""
+    import h5py
+
     path = Path(path)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     with atomic_path(path) as tmp:
@@ -114,6 +116,8 @@ def write_coords_h5(
 
 def read_coords_h5(path: str | os.PathLike) -> CoordsH5:
     """Read and validate a coords h5 (ours or CLAM's own)."""
+    import h5py
+
     path = Path(path)
     if not path.is_file():
         raise ClamFormatError(path, "coords file does not exist")
@@ -186,6 +190,7 @@ def write_features(
 
     The .pt is written last: CLAM treats an existing .pt as "slide done".
     """
+    import h5py
     import torch
 
     features = np.asarray(features, dtype=np.float32)
@@ -219,6 +224,8 @@ def read_features(
 
     Accepts a feature directory + slide id (pt preferred, h5 fallback), or a direct .pt/.h5 path.
     """
+    import h5py
+
     if slide_id is not None:
         h5_path, pt_path = feature_paths(path_or_dir, slide_id)
         path = h5_path if (with_coords or not pt_path.is_file()) and h5_path.is_file() else pt_path
@@ -414,10 +421,21 @@ def read_splits(split_dir: str | os.PathLike, k: int) -> dict[str, list[str]]:
 
 
 SUMMARY_COLUMNS = ("folds", "test_auc", "val_auc", "test_acc", "val_acc")
+SUMMARY_NAME = "summary.csv"
+
+
+def fold_checkpoint_path(results_dir: str | os.PathLike, fold: int) -> Path:
+    """CLAM's ``s_<k>_checkpoint.pt``: one fold's MIL model weights."""
+    return Path(results_dir) / f"s_{int(fold)}_checkpoint.pt"
+
+
+def fold_results_path(results_dir: str | os.PathLike, fold: int) -> Path:
+    """CLAM's ``split_<k>_results.pkl``: one fold's per-slide test probabilities."""
+    return Path(results_dir) / f"split_{int(fold)}_results.pkl"
 
 
 def write_summary(
-    results_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], name: str = "summary.csv"
+    results_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], name: str = SUMMARY_NAME
 ) -> Path:
     """CLAM's ``summary.csv`` (pandas index kept, as CLAM's main.py writes it)."""
     import pandas as pd

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .utils import ClamMcmkdError
+from ..utils import ClamMcmkdError
 
 PATCHES_DIR_ENV = "CLAM_MCMKD_PATCHES_DIR"
 # Files every CLAM checkout has; their absence means the directory is not CLAM.
@@ -158,7 +158,7 @@ def default_patches_dir() -> Path:
     candidates = []
     if os.environ.get(PATCHES_DIR_ENV):
         candidates.append(Path(os.environ[PATCHES_DIR_ENV]))
-    source_root = Path(__file__).resolve().parent.parent
+    source_root = Path(__file__).resolve().parents[2]
     if (source_root / "setup.cfg").is_file():  # a checkout or editable install, not site-packages
         candidates.append(source_root / "patches")
     # `pip install` puts setup.cfg's [options.data_files] under <data>/share/clam-mcmkd/patches.
