@@ -90,7 +90,7 @@ def main() -> None:
     print(f"slide: {slide}")
 
     started = time.perf_counter()
-    from clam_mcmkd.tiling import _tiatoolbox_tissuemask
+    from clam_mcmkd.tissue import _tiatoolbox_tissuemask
 
     _tiatoolbox_tissuemask()
     print(f"one-off import of tiatoolbox's tissue masker: {time.perf_counter() - started:.1f} s")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -72,3 +72,46 @@ def cleanup(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def gather_objects(obj: T, info: DistInfo) -> list[T]:
+    """Every rank's `obj` in rank order, on every rank (``[obj]`` outside torchrun)."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def all_reduce_sum(values: list[float], info: DistInfo, device: str = "cpu") -> list[float]:
+    """Element-wise sum over ranks (float64), as plain floats."""
+    if not info.enabled:
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_grads(params: list, info: DistInfo) -> None:
+    """Sum every parameter's gradient over ranks with one flat all-reduce (missing grads: 0)."""
+    if not info.enabled:
+        return
+    import torch
+    import torch.distributed as dist
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -10,16 +10,24 @@ normalised as whole batches on the device, through the one forward path
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .clam import formats
-from .distributed import DistInfo, barrier, cleanup, init_distributed, rank_device, shard
+from .distributed import (
+    DistInfo,
+    barrier,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    rank_device,
+    shard,
+)
 from .encoders.forward import autocast_dtype, encode_batches
-from .utils import ClamMcmkdError, RunSummary, progress, resolve_device, save_config
+from .jobs import DONE, Outcome, run_slide_job
+from .utils import ClamMcmkdError, RunSummary, resolve_device, save_config
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +145,31 @@ def _extract_one(cfg, encoder, slide_id: str, device: str) -> int:
     return len(feats)
 
 
-def _merge(local: RunSummary, patches: int, seconds: float, info: DistInfo):
-    """Every rank's outcome, so that rank 0 can write one summary for the whole run."""
-    part = (local.done, local.skipped, local.failed, patches, seconds)
-    if not info.enabled:
-        return [part]
-    import torch.distributed as dist
+def _extracted_before(cfg: ExtractConfig, slide_id: str) -> bool | None:
+    """True when both feature files exist (skip the slide), None when it must be extracted."""
+    if cfg.no_auto_skip or not formats.features_done(cfg.feat_dir, slide_id):
+        return None
+    return True
 
-    parts = [None] * info.world_size
-    dist.all_gather_object(parts, part)
-    return parts
+
+def _run_summary(local: RunSummary, outcomes: list[Outcome], info: DistInfo) -> RunSummary:
+    """One summary for the whole run, from every rank's outcomes (the same on every rank)."""
+    done = [o for o in outcomes if o.status == DONE]
+    part = (local.done, local.skipped, local.failed, sum(o.result for o in done),
+            sum(o.seconds for o in done))  # fmt: skip
+    summary = RunSummary(stage=local.stage, started=local.started)
+    total_patches, busiest = 0, 0.0
+    for done_ids, skipped, failed, n, secs in gather_objects(part, info):
+        summary.done += done_ids
+        summary.skipped += skipped
+        summary.failed.update(failed)
+        total_patches += n
+        busiest = max(busiest, secs)
+    summary.extra.update(
+        patches=total_patches,
+        patches_per_s=round(total_patches / busiest, 2) if busiest > 0 else 0.0,
+    )
+    return summary
 
 
 def extract_features(cfg: ExtractConfig) -> RunSummary:
@@ -172,36 +195,16 @@ def extract_features(cfg: ExtractConfig) -> RunSummary:
         )
         prepare_encoder(encoder, device)
         local = RunSummary(stage="extract-features")
-        patches, seconds = 0, 0.0
-        mine = shard(slide_ids, info)
-        bar = progress(mine, desc=f"features[{info.rank}]" if info.enabled else "features")
-        for slide_id in bar:
-            if not cfg.no_auto_skip and formats.features_done(feat_dir, slide_id):
-                local.skipped.append(slide_id)
-                continue
-            t0 = time.perf_counter()
-            try:
-                n = _extract_one(cfg, encoder, slide_id, device)
-            except Exception as err:  # noqa: BLE001 - one bad slide must not stop the batch
-                local.fail(slide_id, err)
-                continue
-            seconds += time.perf_counter() - t0
-            patches += n
-            local.done.append(slide_id)
-        parts = _merge(local, patches, seconds, info)
-        summary = RunSummary(stage="extract-features", started=local.started)
-        total_patches, busiest = 0, 0.0
-        for done, skipped, failed, n, secs in parts:
-            summary.done += done
-            summary.skipped += skipped
-            summary.failed.update(failed)
-            total_patches += n
-            busiest = max(busiest, secs)
+        outcomes = run_slide_job(
+            shard(slide_ids, info),
+            lambda slide_id: _extract_one(cfg, encoder, slide_id, device),
+            local,
+            finished=lambda slide_id: _extracted_before(cfg, slide_id),
+            desc=f"features[{info.rank}]" if info.enabled else "features",
+        )
+        summary = _run_summary(local, outcomes, info)
         summary.extra.update(
-            patches=total_patches,
-            patches_per_s=round(total_patches / busiest, 2) if busiest > 0 else 0.0,
-            model=cfg.model,
-            device=device if not info.enabled else f"{device} x{info.world_size}",
+            model=cfg.model, device=device if not info.enabled else f"{device} x{info.world_size}"
         )
         barrier(info)
         if info.is_main:

@@ -1,7 +1,7 @@
 """``clam-mcmkd tile``: tissue mask (tiatoolbox) + patch grid at a target magnification.
 
 For each slide: a low-resolution thumbnail is masked with tiatoolbox's Otsu or morphological
-tissue masker; a regular grid of patches at the target magnification is laid over the slide and
+tissue masker (:mod:`clam_mcmkd.tissue`); a regular grid of patches at the target magnification is laid over the slide and
 a patch is kept when at least ``min_tissue`` of it is tissue. Coords go to CLAM's
 ``patches/<slide_id>.h5``; QC images and tissue contours (GeoJSON, level-0 px) to ``masks/``;
 one row per slide to ``process_list.csv``.
@@ -33,8 +33,10 @@ from .clam.formats import (
     slide_id_of,
     write_coords_h5,
 )
+from .jobs import FAILED, SKIPPED, Outcome, SlideFailed, run_slide_job
 from .slides import Slide, SlideError, open_slide
-from .utils import ClamMcmkdError, RunSummary, atomic_path, progress, save_config
+from .tissue import MASK_METHODS, mask_polygons, tissue_mask
+from .utils import ClamMcmkdError, RunSummary, atomic_path, save_config
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,6 @@ PROCESS_LIST_COLUMNS = (
     "slide_id", "status", "n_patches", "seconds", "error", "patch_level", "patch_size",
     "patch_size_level0", "mpp", "objective_power",
 )  # fmt: skip
-MASK_METHODS = ("otsu", "morphological")
 # a target within this relative distance of a pyramid level is served by that level
 LEVEL_TOLERANCE = 0.05
 
@@ -159,86 +160,7 @@ def patch_geometry(slide: Slide, cfg: TileConfig) -> PatchGeometry:
     )
 
 
-# --------------------------------------------------------------------------- tissue
-
-
-def _tiatoolbox_tissuemask():
-    """tiatoolbox's tissuemask module, without running ``tiatoolbox.tools.__init__``.
-
-    That ``__init__`` imports every tool (graph, registration, umap...) and costs ~10 s per
-    process on a small machine; the masker module only needs numpy, cv2 and skimage. Falls back
-    to the ordinary import if tiatoolbox's layout changes.
-    """
-    import importlib
-    import sys
-    import types
-
-    if "tiatoolbox.tools" in sys.modules:
-        return importlib.import_module("tiatoolbox.tools.tissuemask")
-    try:
-        import tiatoolbox
-
-        stub = types.ModuleType("tiatoolbox.tools")
-        stub.__path__ = [str(Path(tiatoolbox.__file__).parent / "tools")]
-        sys.modules["tiatoolbox.tools"] = stub
-        try:
-            return importlib.import_module("tiatoolbox.tools.tissuemask")
-        finally:
-            del sys.modules["tiatoolbox.tools"]  # a later import runs the real __init__
-    except ImportError:  # pragma: no cover
-        return importlib.import_module("tiatoolbox.tools.tissuemask")
-
-
-def tissue_mask(
-    thumb: np.ndarray,
-    method: str = "otsu",
-    thumb_mpp: float | None = None,
-    patch_px: float | None = None,
-) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail, with tiatoolbox's maskers.
-
-    `patch_px` (a patch's side in thumbnail pixels) scales the clean-up: gaps and specks much
-    smaller than a patch are closed or dropped, so pale stroma inside tissue counts as tissue.
-    """
-    tm = _tiatoolbox_tissuemask()
-    import cv2
-
-    gray = cv2.cvtColor(np.ascontiguousarray(thumb), cv2.COLOR_RGB2GRAY)
-    if float(gray.std()) < 2.0 or int(gray.min()) > 235:  # blank image: Otsu would split the noise
-        return np.zeros(gray.shape, bool)
-    if method == "otsu":
-        masker = tm.OtsuTissueMasker()
-    elif method == "morphological":
-        masker = tm.MorphologicalMasker(mpp=thumb_mpp) if thumb_mpp else tm.MorphologicalMasker()
-    else:
-        raise ClamMcmkdError(f"unknown mask method {method!r} (choose {', '.join(MASK_METHODS)})")
-    mask = np.asarray(masker.fit_transform(thumb[None])[0], bool)
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    return _clean_mask(mask, patch_px) if patch_px else mask
-
-
-def _clean_mask(mask: np.ndarray, patch_px: float) -> np.ndarray:
-    import cv2
-
-    radius = max(1, int(round(patch_px / 16)))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    closed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
-    min_area = max(4, int(patch_px * patch_px / 16))
-    closed = _drop_small_regions(closed, min_area)  # specks
-    return ~_drop_small_regions(~closed, min_area)  # holes
-
-
-def _drop_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_area
-    keep[0] = False
-    return keep[labels]
+# --------------------------------------------------------------------------- patches and QC
 
 
 def grid_coords(
@@ -267,38 +189,6 @@ def grid_coords(
     frac = inside / ((x1 - x0) * (y1 - y0))
     keep = frac >= min_tissue
     return np.stack([gx[keep], gy[keep]], axis=1), frac[keep]
-
-
-def mask_polygons(mask: np.ndarray, scale: tuple[float, float], min_area: float = 4.0):
-    """Tissue polygons (outer ring + holes) in level-0 px, from a mask at `scale` level-0/mask."""
-    import cv2
-
-    contours, hierarchy = cv2.findContours(
-        mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE
-    )
-    if hierarchy is None:
-        return []
-    hierarchy = hierarchy[0]
-    factor = np.array(scale, dtype=float)
-
-    def ring(contour):
-        contour = cv2.approxPolyDP(contour, 0.7, True)  # drop staircase points
-        pts = (contour.reshape(-1, 2).astype(float) + 0.5) * factor
-        pts = np.round(pts, 1).tolist()
-        return pts + [pts[0]]
-
-    polygons = []
-    for i, contour in enumerate(contours):
-        if hierarchy[i][3] != -1 or len(contour) < 3 or cv2.contourArea(contour) < min_area:
-            continue  # holes are added to their parent below; specks are dropped
-        rings = [ring(contour)]
-        child = hierarchy[i][2]
-        while child != -1:
-            if len(contours[child]) >= 3 and cv2.contourArea(contours[child]) >= min_area:
-                rings.append(ring(contours[child]))
-            child = hierarchy[child][0]
-        polygons.append(rings)
-    return polygons
 
 
 def write_geojson(path: Path, polygons, slide_id: str) -> Path:
@@ -440,18 +330,42 @@ def write_process_list(path: Path, rows: list[dict]) -> None:
         df.to_csv(tmp, index=False)
 
 
-def _failed_row(slide_id: str, status: str, error: str, seconds: float) -> dict:
-    return {
-        "slide_id": slide_id,
-        "status": status,
-        "n_patches": 0,
-        "seconds": round(seconds, 3),
-        "error": error,
-    }
-
-
 def tile_slides(cfg: TileConfig) -> RunSummary:
     """Tile every slide in ``cfg.source``; bad slides are recorded and skipped."""
+    _check_config(cfg)
+    slides = list_slides(cfg.source, cfg.slide_ext)
+    save_dir = Path(cfg.save_dir)
+    (save_dir / "patches").mkdir(parents=True, exist_ok=True)
+    (save_dir / "masks").mkdir(parents=True, exist_ok=True)
+    _check_previous_config(save_dir, cfg)
+    save_config(cfg, save_dir / "tile_config.json")
+    summary = RunSummary(stage="tile")
+    rows: list[dict] = []
+
+    def on_outcome(outcome: Outcome) -> None:  # process_list.csv is rewritten after each slide
+        rows.append(_process_row(outcome))
+        write_process_list(save_dir / "process_list.csv", rows)
+
+    run_slide_job(
+        slides,
+        lambda path: _tile_task(path, cfg),
+        summary,
+        slide_id=slide_id_of,
+        finished=None if cfg.no_auto_skip else lambda path: _tiled_before(save_dir, path),
+        on_outcome=on_outcome,
+        desc="tile",
+        postfix=lambda: {
+            "patches": sum(r["n_patches"] for r in rows),
+            "failed": len(summary.failed),
+        },
+    )
+    summary.extra["patches"] = sum(r["n_patches"] for r in rows)
+    summary.extra["no_tissue"] = sum(r["status"] == "no_tissue" for r in rows)
+    summary.write(save_dir / "tile_summary.json")
+    return summary
+
+
+def _check_config(cfg: TileConfig) -> None:
     if cfg.mask_method not in MASK_METHODS:
         raise ClamMcmkdError(
             f"unknown mask method {cfg.mask_method!r} (choose {', '.join(MASK_METHODS)})"
@@ -462,54 +376,44 @@ def tile_slides(cfg: TileConfig) -> RunSummary:
         raise ClamMcmkdError(f"min tissue must be in [0, 1], got {cfg.min_tissue}")
     if cfg.mpp is not None and cfg.mpp <= 0 or cfg.mag is not None and cfg.mag <= 0:
         raise ClamMcmkdError("target mag / mpp must be positive")
-    slides = list_slides(cfg.source, cfg.slide_ext)
-    save_dir = Path(cfg.save_dir)
-    (save_dir / "patches").mkdir(parents=True, exist_ok=True)
-    (save_dir / "masks").mkdir(parents=True, exist_ok=True)
-    _check_previous_config(save_dir, cfg)
-    save_config(cfg, save_dir / "tile_config.json")
-    summary = RunSummary(stage="tile")
-    rows: list[dict] = []
-    process_list = save_dir / "process_list.csv"
-    n_patches = 0
-    bar = progress(slides, desc="tile", unit="slide")
-    for path in bar:
-        slide_id = slide_id_of(path)
-        h5_path = coords_path(save_dir, slide_id)
-        started = time.time()
-        if h5_path.is_file() and not cfg.no_auto_skip:
-            try:
-                n = len(read_coords_h5(h5_path))
-                rows.append(_failed_row(slide_id, "skipped", "", time.time() - started))
-                rows[-1]["n_patches"] = n
-                summary.skipped.append(slide_id)
-                n_patches += n
-                write_process_list(process_list, rows)
-                continue
-            except ClamMcmkdError as err:
-                log.warning("%s; tiling the slide again", err)
-        try:
-            row = tile_slide(path, cfg)
-        except Exception as err:  # noqa: BLE001 - one bad slide must not stop the batch
-            msg = f"{type(err).__name__}: {err}"
-            if not isinstance(err, ClamMcmkdError):  # these name the file already
-                msg = f"{path}: cannot tile it ({msg})"
-            row = _failed_row(slide_id, "failed", msg, time.time() - started)
-            summary.fail(slide_id, msg)
-        else:
-            if row["status"] == "done":
-                summary.done.append(slide_id)
-                n_patches += row["n_patches"]
-            else:
-                summary.fail(slide_id, row["error"])
-        rows.append(row)
-        write_process_list(process_list, rows)
-        bar.set_postfix(patches=n_patches, failed=len(summary.failed))
-    bar.close()
-    summary.extra["patches"] = n_patches
-    summary.extra["no_tissue"] = sum(r["status"] == "no_tissue" for r in rows)
-    summary.write(save_dir / "tile_summary.json")
-    return summary
+
+
+def _tiled_before(save_dir: Path, path: Path) -> int | None:
+    """The patch count of a readable coords h5 made before, else None (tile the slide)."""
+    h5_path = coords_path(save_dir, slide_id_of(path))
+    if not h5_path.is_file():
+        return None
+    try:
+        return len(read_coords_h5(h5_path))
+    except ClamMcmkdError as err:
+        log.warning("%s; tiling the slide again", err)
+        return None
+
+
+def _tile_task(path: Path, cfg: TileConfig) -> dict:
+    try:
+        row = tile_slide(path, cfg)
+    except ClamMcmkdError:
+        raise  # these name the file already
+    except Exception as err:  # noqa: BLE001 - any other error of one slide, named here
+        raise SlideFailed(f"{path}: cannot tile it ({type(err).__name__}: {err})") from err
+    if row["status"] != "done":  # no tissue: a failure, with its full process-list row
+        raise SlideFailed(row["error"], result=row)
+    return row
+
+
+def _process_row(outcome: Outcome) -> dict:
+    """The process-list row of one outcome (a finished tiling's own row where there is one)."""
+    if isinstance(outcome.result, dict):
+        return outcome.result
+    status = "failed" if outcome.status == FAILED else outcome.status
+    return {
+        "slide_id": outcome.slide_id,
+        "status": status,
+        "n_patches": outcome.result if outcome.status == SKIPPED else 0,
+        "seconds": round(outcome.seconds, 3),
+        "error": outcome.message,
+    }
 
 
 def _check_previous_config(save_dir: Path, cfg: TileConfig) -> None:
