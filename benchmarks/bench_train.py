@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from clam_mcmkd.mil import Bag, TrainConfig, run_bags, train_epoch
-from clam_mcmkd.mil_models import build_model, make_loss
+from clam_mcmkd.mil import Bag, TrainConfig, build_model, run_bags, train_epoch
+from clam_mcmkd.mil.nets import make_loss
 
 
 def bench(device: str, model_type: str, n_bags: int, n_inst: int, dim: int, epochs: int):

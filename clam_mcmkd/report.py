@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from .clam.formats import ClamFormatError, read_pkl, read_summary
+from .clam.formats import (
+    SUMMARY_NAME,
+    ClamFormatError,
+    fold_results_path,
+    read_pkl,
+    read_summary,
+)
 from .utils import ClamMcmkdError, atomic_path, atomic_write_text, to_jsonable
 
 METRICS = ("test_auc", "test_acc", "val_auc", "val_acc")
@@ -43,7 +49,7 @@ def collect_folds(runs: Sequence[ResultRun]):
 
     frames = []
     for run in runs:
-        df = read_summary(Path(run.results_dir) / "summary.csv")
+        df = read_summary(Path(run.results_dir) / SUMMARY_NAME)
         frame = pd.DataFrame(
             {
                 "encoder": run.encoder,
@@ -138,7 +144,7 @@ def load_test_predictions(results_dir: str | os.PathLike, folds: Sequence[int]):
     """Pooled test-set (labels, probabilities (N, C)) from CLAM's ``split_<k>_results.pkl``."""
     labels, probs = [], []
     for fold in folds:
-        path = Path(results_dir) / f"split_{int(fold)}_results.pkl"
+        path = fold_results_path(results_dir, fold)
         if not path.is_file():
             raise ClamFormatError(path, "per-fold predictions file does not exist")
         try:

@@ -24,13 +24,15 @@ from clam_mcmkd.mil import (
     EvalConfig,
     MilDataError,
     TrainConfig,
-    _order,
     attention_scores,
     bag_auc,
+    build_model,
     evaluate,
+    load_weights,
     train,
 )
-from clam_mcmkd.mil_models import SmoothTop1SVM, build_model, load_weights
+from clam_mcmkd.mil.data import bag_order as _order
+from clam_mcmkd.mil.nets import SmoothTop1SVM
 from clam_mcmkd.splits import SplitConfig, make_splits
 
 DIM = 32

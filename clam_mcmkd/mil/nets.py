@@ -1,4 +1,5 @@
-"""Attention-MIL models with CLAM's semantics: ABMIL, CLAM-SB, CLAM-MB.
+"""Attention-MIL networks with CLAM's semantics: ABMIL, CLAM-SB, CLAM-MB (built by name in
+:mod:`.models`), their losses, and their weights on disk.
 
 Written for this project (not copied from CLAM) but with the same layer order, module names and
 defaults, so that a state dict saved here loads into CLAM's ``CLAM_SB``/``CLAM_MB`` (and back),
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_TYPES = ("abmil", "clam_sb", "clam_mb")
+from ..encoders.checkpoint import load_checkpoint
+from ..utils import ClamMcmkdError, atomic_path
+
 SIZES = {"small": (512, 256), "big": (512, 384)}  # CLAM's size_arg -> (hidden, attention)
 
 
@@ -197,33 +200,6 @@ class ClamMB(ClamSB):
         return torch.cat([head(pooled[c]) for c, head in enumerate(self.classifiers)])[None, :]
 
 
-def build_model(
-    model_type: str,
-    n_classes: int,
-    embed_dim: int,
-    dropout: float = 0.25,
-    k_sample: int = 8,
-    inst_loss: str = "svm",
-    subtyping: bool = False,
-    size_arg: str = "small",
-    gate: bool = True,
-) -> ClamSB:
-    """A fresh model; module creation order equals CLAM's, so seeds give CLAM's init."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model type '{model_type}' (choose from {MODEL_TYPES})")
-    cls = ClamMB if model_type == "clam_mb" else ClamSB
-    return cls(
-        gate=gate,
-        size_arg=size_arg,
-        dropout=dropout,
-        k_sample=k_sample,
-        n_classes=n_classes,
-        instance_loss_fn=make_loss(inst_loss, 2),
-        subtyping=subtyping,
-        embed_dim=embed_dim,
-    )
-
-
 def clean_state_dict(state: dict) -> dict:
     """Drop loss-function buffers and DataParallel prefixes, as CLAM's eval does."""
     return {
@@ -233,8 +209,17 @@ def clean_state_dict(state: dict) -> dict:
     }
 
 
+def save_weights(model: nn.Module, path) -> None:
+    """The model's state dict on the CPU (CLAM's ``s_<k>_checkpoint.pt``), written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+
+
 def load_weights(model: nn.Module, path, map_location="cpu") -> nn.Module:
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = load_checkpoint(
+        path, what="MIL checkpoint", error=ClamMcmkdError, weights_only=True,
+        map_location=map_location,
+    )  # fmt: skip
     model.load_state_dict(clean_state_dict(state), strict=True)
     return model
 

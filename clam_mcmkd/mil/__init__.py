@@ -1,0 +1,29 @@
+"""Attention MIL on CLAM's splits: ABMIL, CLAM-SB, CLAM-MB (the shape of slideflow's ``mil/``).
+
+* :mod:`.config` - ``TrainConfig``, ``EvalConfig`` (torch-free).
+* :mod:`.models` - the registry of MIL model names -> builders (torch-free).
+* :mod:`.nets` - the networks, their losses and weights on disk.
+* :mod:`.data` - bags, labels, splits as bags, bag order.
+* :mod:`.results` - per-fold outputs and metrics; every file name a run writes.
+* :mod:`.training`, :mod:`.evaluation` - ``clam-mcmkd train`` and ``eval`` (the modules are not
+  called ``train``/``evaluate``, which would hide the functions of those names).
+
+Names are exported lazily, so the CLI reads configs and model names without importing torch.
+"""
+
+from ..utils import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(("TrainConfig", "EvalConfig", "parse_label_dict"), ".config"),
+    **dict.fromkeys(
+        ("MilModel", "build_model", "get_mil_model", "list_mil_models", "register_mil_model"),
+        ".models",
+    ),
+    **dict.fromkeys(("attention_scores", "load_weights", "save_weights"), ".nets"),
+    **dict.fromkeys(("Bag", "BagStore", "MilDataError"), ".data"),
+    **dict.fromkeys(("SetResult", "bag_auc"), ".results"),
+    **dict.fromkeys(("train", "train_epoch", "train_fold", "EarlyStopping"), ".training"),
+    **dict.fromkeys(("evaluate", "run_bags"), ".evaluation"),
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

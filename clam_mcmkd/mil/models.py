@@ -1,0 +1,113 @@
+"""The MIL model registry: a name -> a builder, how it trains, and what CLAM's main.py calls it.
+
+torch-free at import (the CLI takes its ``--model-type`` choices from here); each builder
+imports its network from :mod:`.nets`. To add a model, write its ``nn.Module`` with CLAM's
+forward contract (``forward(h, label=None, instance_eval=False)`` -> ``(logits, Y_prob, Y_hat,
+A_raw, results_dict)``) and register a builder below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..utils import ClamMcmkdError
+
+
+@dataclass(frozen=True)
+class MilModel:
+    name: str
+    build: Callable[..., Any]  # keyword arguments of :func:`build_model` -> nn.Module
+    description: str
+    instance_loss: bool  # trained with CLAM's instance-clustering loss (needs instance heads)
+    clam_args: tuple[str, ...] | None  # CLAM main.py arguments that train it (None: CLAM can't)
+
+
+_REGISTRY: dict[str, MilModel] = {}
+
+
+def register_mil_model(
+    name: str, description: str, *, instance_loss: bool, clam_args: tuple[str, ...] | None = None
+) -> Callable:
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY[name] = MilModel(name, fn, description, instance_loss, clam_args)
+        return fn
+
+    return wrap
+
+
+def list_mil_models() -> list[str]:
+    """Registered MIL model names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_mil_model(name: str) -> MilModel:
+    if name not in _REGISTRY:
+        raise ClamMcmkdError(f"unknown model type '{name}' ({', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def build_model(
+    model_type: str,
+    n_classes: int,
+    embed_dim: int,
+    dropout: float = 0.25,
+    k_sample: int = 8,
+    inst_loss: str = "svm",
+    subtyping: bool | None = False,
+    size_arg: str = "small",
+    gate: bool = True,
+):
+    """A fresh model; module creation order equals CLAM's, so seeds give CLAM's init.
+
+    ``subtyping=None`` means CLAM's default: on for more than two classes.
+    """
+    from .nets import make_loss
+
+    return get_mil_model(model_type).build(
+        gate=gate,
+        size_arg=size_arg,
+        dropout=dropout,
+        k_sample=k_sample,
+        n_classes=n_classes,
+        instance_loss_fn=make_loss(inst_loss, 2),
+        subtyping=(n_classes > 2) if subtyping is None else subtyping,
+        embed_dim=embed_dim,
+    )
+
+
+@register_mil_model(
+    "abmil",
+    "CLAM-SB trained without instance clustering (CLAM's --no_inst_cluster)",
+    instance_loss=False,
+    clam_args=("--model_type", "clam_sb", "--no_inst_cluster"),
+)
+def _abmil(**kwargs):
+    from .nets import ClamSB  # same module as clam_sb: CLAM's eval.py reads its checkpoints
+
+    return ClamSB(**kwargs)
+
+
+@register_mil_model(
+    "clam_sb",
+    "single-branch CLAM: gated attention pooling + instance clustering",
+    instance_loss=True,
+    clam_args=("--model_type", "clam_sb"),
+)
+def _clam_sb(**kwargs):
+    from .nets import ClamSB
+
+    return ClamSB(**kwargs)
+
+
+@register_mil_model(
+    "clam_mb",
+    "multi-branch CLAM: one attention branch and bag classifier per class",
+    instance_loss=True,
+    clam_args=("--model_type", "clam_mb"),
+)
+def _clam_mb(**kwargs):
+    from .nets import ClamMB
+
+    return ClamMB(**kwargs)
