@@ -11,6 +11,7 @@ cache, the second run (same teacher, same cache dir) reads them and never builds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
@@ -22,13 +23,29 @@ import torch
 
 from clam_mcmkd.clam.formats import write_dataset_csv
 from clam_mcmkd.encoders import create_encoder, encoder_flops_params
-from clam_mcmkd.finetune import FinetuneConfig, finetune, output_paths
-from clam_mcmkd.mcmkd import teacher_cache
+from clam_mcmkd.mcmkd import FinetuneConfig, finetune, output_paths, trainer
 from clam_mcmkd.tiling import TileConfig, tile_slides
 from clam_mcmkd.utils import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 CMU = REPO.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+
+
+@contextlib.contextmanager
+def counting_teacher_builds():
+    """A list that gets one entry per teacher network the trainer builds."""
+    builds = []
+    real = trainer.build_teacher
+
+    def counting(*args, **kwargs):
+        builds.append(args[0] if args else kwargs.get("name"))
+        return real(*args, **kwargs)
+
+    trainer.build_teacher = counting
+    try:
+        yield builds
+    finally:
+        trainer.build_teacher = real
 
 
 def main() -> None:
@@ -90,10 +107,10 @@ def main() -> None:
         ("cold cache", cfg),
         ("warm cache", replace(cfg, out=str(work / "warm.pt"))),
     ):
-        builds = teacher_cache.TEACHER_BUILDS
-        t0 = time.perf_counter()
-        finetune(run_cfg)
-        wall = time.perf_counter() - t0
+        with counting_teacher_builds() as builds:
+            t0 = time.perf_counter()
+            finetune(run_cfg)
+            wall = time.perf_counter() - t0
         m = json.loads(output_paths(run_cfg.out)["final_metrics"].read_text())
         rows.append(
             {
@@ -102,7 +119,7 @@ def main() -> None:
                 "wall_s": wall,
                 "windows_per_s_end_to_end": m["train_windows"] / wall,
                 "windows_per_s_training": m["windows_per_s"],
-                "teacher_built": teacher_cache.TEACHER_BUILDS - builds,
+                "teacher_built": len(builds),
                 "teacher_patches_computed": m["teacher_patches_computed"],
                 "teacher_patches_cached": m["teacher_patches_cached"],
             }

@@ -33,7 +33,7 @@ from clam_mcmkd.cohort import make_cohort, read_annotation
 from clam_mcmkd.encoders import PatchTransforms, create_encoder
 from clam_mcmkd.encoders.forward import encode_patches
 from clam_mcmkd.features import ExtractConfig, extract_features
-from clam_mcmkd.finetune import FinetuneConfig, finetune, output_paths
+from clam_mcmkd.mcmkd import FinetuneConfig, finetune, output_paths
 from clam_mcmkd.mil import TrainConfig, train
 from clam_mcmkd.slides import open_slide
 from clam_mcmkd.splits import SplitConfig, make_splits

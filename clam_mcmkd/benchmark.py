@@ -256,7 +256,7 @@ def stage_splits(cfg: BenchmarkConfig, layout: Layout) -> dict:
 
 
 def stage_finetune(cfg: BenchmarkConfig, layout: Layout, slide_ext: str) -> dict:
-    from .finetune import FinetuneConfig, finetune, output_paths
+    from .mcmkd import FinetuneConfig, finetune, output_paths
 
     f = cfg.finetune
     resume = output_paths(layout.checkpoint)["state"].is_file()  # a killed run goes on

@@ -343,7 +343,7 @@ def finetune_cmd(**kw) -> None:
     import json
     import os
 
-    from .finetune import FinetuneConfig, finetune, output_paths
+    from .mcmkd import FinetuneConfig, finetune, output_paths
 
     kw["pretrained"] = not kw.pop("no_pretrained")
     kw["freeze_bn"] = not kw.pop("no_freeze_bn")

@@ -6,6 +6,7 @@ slide and on the synthetic cohort; no mocks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -20,8 +21,7 @@ import torch
 
 from clam_mcmkd.clam.formats import read_coords_h5, write_coords_h5, write_dataset_csv
 from clam_mcmkd.encoders import EncoderError, create_encoder, read_student_checkpoint
-from clam_mcmkd.finetune import FinetuneConfig, finetune, output_paths, plan_windows
-from clam_mcmkd.mcmkd import teacher_cache
+from clam_mcmkd.mcmkd import FinetuneConfig, finetune, output_paths, plan_windows, trainer
 from clam_mcmkd.mcmkd.masking import make_mask, num_masked, window_masks
 from clam_mcmkd.mcmkd.teacher_cache import TeacherCacheError
 from clam_mcmkd.mcmkd.windows import (
@@ -51,6 +51,21 @@ TINY = dict(
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+@contextlib.contextmanager
+def count_teacher_builds():
+    """Counts the teacher networks the trainer builds (a list that grows with each build)."""
+    builds = []
+    real = trainer.build_teacher
+
+    def counting(*args, **kwargs):
+        builds.append(args[0] if args else kwargs.get("name"))
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "build_teacher", counting)
+        yield builds
 
 
 # ----------------------------------------------------------------------------- data
@@ -174,11 +189,11 @@ def test_masks_count_contiguity_and_determinism(strategy):
 @pytest.fixture(scope="module")
 def cmu_run(cmu_coords, cmu_slide, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmu_run") / "mcmkd_resnet50.pt"
-    builds = teacher_cache.TEACHER_BUILDS
     cfg = cmu_cfg(cmu_coords, cmu_slide, out, epochs=3, lr=1e-3, val_frac=0.2)
-    path = finetune(cfg)
+    with count_teacher_builds() as builds:
+        path = finetune(cfg)
     metrics = json.loads(output_paths(out)["final_metrics"].read_text())
-    return cfg, path, metrics, teacher_cache.TEACHER_BUILDS - builds
+    return cfg, path, metrics, len(builds)
 
 
 def test_loss_goes_down_and_beats_untrained_and_mean_baseline(cmu_run):
@@ -235,10 +250,10 @@ def test_teacher_cache_written_once_and_reused(cmu_run, cmu_coords, cmu_slide, t
         assert f["features"].shape == (n_cached, 512)
         assert json.loads(f.attrs["teacher"])["name"] == "resnet18"
     mtime = cache_file.stat().st_mtime_ns
-    before = teacher_cache.TEACHER_BUILDS
     again = replace(cfg, out=str(tmp_path / "again.pt"), stop_after_steps=1)
-    finetune(again)
-    assert teacher_cache.TEACHER_BUILDS == before  # the teacher was never built
+    with count_teacher_builds() as builds:
+        finetune(again)
+    assert builds == []  # the teacher was never built
     assert cache_file.stat().st_mtime_ns == mtime
 
 

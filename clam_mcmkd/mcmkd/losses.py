@@ -1,27 +1,51 @@
 """MCM-KD losses: how far the predicted features are from the teacher's.
 
-Each function returns the SUM over the positions it scores; the caller divides by the global
-number of scored positions, which keeps gradient accumulation and DDP sharding exact.
+:data:`LOSSES` maps a ``--loss`` name to a per-position loss and the space it compares in (the
+teacher's own features, or per-dimension standardised ones). To add a loss, write the
+per-position function and add it there. Losses are summed over the positions they score; the
+trainer divides by the global number of scored positions, which keeps gradient accumulation and
+DDP sharding exact. torch-free at import (the CLI reads the names).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-LOSSES = ("cosine", "smooth_l1")
+if TYPE_CHECKING:
+    import torch
 
 
-def position_losses(
-    pred: torch.Tensor, target: torch.Tensor, loss: str, beta: float = 1.0
-) -> torch.Tensor:
+def _cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+
+
+def _smooth_l1(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.smooth_l1_loss(pred, target, reduction="none", beta=beta).mean(-1)
+
+
+@dataclass(frozen=True)
+class PositionLoss:
+    fn: Callable[..., torch.Tensor]  # (..., D) x (..., D) -> (...)
+    standardized: bool  # compare standardised targets (else predictions in the teacher's space)
+
+
+LOSSES: dict[str, PositionLoss] = {
+    "cosine": PositionLoss(_cosine, standardized=False),
+    "smooth_l1": PositionLoss(_smooth_l1, standardized=True),
+}
+
+
+def position_losses(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """Per-position loss (..., D) x (..., D) -> (...)."""
-    pred, target = pred.float(), target.float()
-    if loss == "cosine":
-        return 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
-    if loss == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, reduction="none", beta=beta).mean(-1)
-    raise ValueError(f"unknown loss '{loss}' (choices: {LOSSES})")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss '{loss}' (choices: {tuple(LOSSES)})")
+    return LOSSES[loss].fn(pred.float(), target.float())
 
 
 def mcmkd_loss_sums(
@@ -37,7 +61,7 @@ def mcmkd_loss_sums(
 
 
 class TargetStandardizer:
-    """Per-dimension standardisation of teacher features (for smooth-L1 on standardised targets)."""
+    """Per-dimension standardisation of teacher features (the space of standardised losses)."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor):
         self.mean = mean.float()
@@ -51,3 +75,10 @@ class TargetStandardizer:
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         return z.float() * self.std + self.mean
+
+    def loss_space(self, pred: torch.Tensor, target: torch.Tensor, loss: str):
+        """(prediction, target) in the space `loss` compares them in; predictions are
+        standardised, targets the teacher's own features."""
+        if LOSSES[loss].standardized:
+            return pred, self.forward(target)
+        return self.inverse(pred), target

@@ -27,9 +27,6 @@ from ..utils import ClamMcmkdError, atomic_path, progress
 
 CACHE_FORMAT = "clam_mcmkd.teacher_cache/1"
 
-# How many times this process built a teacher network (tests and benchmarks read it).
-TEACHER_BUILDS = 0
-
 
 class TeacherCacheError(ClamMcmkdError):
     pass
@@ -68,8 +65,6 @@ def build_teacher(
     device: str,
 ) -> Encoder:
     """A frozen eval-mode teacher; `input_size` overrides its transforms' resize."""
-    global TEACHER_BUILDS
-    TEACHER_BUILDS += 1
     enc = create_encoder(name, pretrained=pretrained, ckpt=ckpt)
     transforms = enc.transforms
     if input_size:
@@ -90,6 +85,53 @@ def teacher_spec(
         mean=tuple(float(v) for v in transforms.mean),
         std=tuple(float(v) for v in transforms.std),
     )
+
+
+def cached_spec(
+    cache_dir: Path,
+    slide_ids: Iterable[str],
+    name: str,
+    ckpt: str | os.PathLike | None,
+    input_size: int | None,
+) -> TeacherSpec | None:
+    """The teacher's spec as a cache file records it, without building the teacher.
+
+    timm models expose their data config without weights only once built; the cache records the
+    spec, so a run whose cache already matches name + checkpoint takes the transforms from
+    there. None when no slide has a cache file; an error when a file names another teacher.
+    """
+    ckpt_hash = file_sha256(ckpt)
+    for slide_id in slide_ids:
+        path = Path(cache_dir) / f"{slide_id}.h5"
+        if not path.is_file():
+            continue
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("format") != CACHE_FORMAT:
+                    raise TeacherCacheError(f"{path}: not a teacher-feature cache file")
+                recorded = json.loads(f.attrs["teacher"])
+        except OSError as err:
+            raise TeacherCacheError(f"{path}: unreadable teacher cache file ({err})") from err
+        want_size = input_size or recorded["input_size"]
+        if (recorded["name"], recorded["ckpt_sha256"], recorded["input_size"]) == (
+            name,
+            ckpt_hash,
+            want_size,
+        ):
+            return TeacherSpec(
+                recorded["name"],
+                recorded["ckpt_sha256"],
+                int(recorded["input_size"]),
+                tuple(recorded["mean"]),
+                tuple(recorded["std"]),
+            )
+        raise TeacherCacheError(
+            f"{path}: teacher cache was made by teacher {recorded['name']!r} "
+            f"(ckpt sha256 {recorded['ckpt_sha256'][:12] or 'none'}, input {recorded['input_size']}), "
+            f"this run asks for {name!r} (ckpt sha256 {ckpt_hash[:12] or 'none'}, "
+            f"input {want_size}); use another --teacher-cache or delete it"
+        )
+    return None
 
 
 class TeacherCache:
@@ -287,3 +329,22 @@ class CacheReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def teacher_stats(reader: CacheReader, slides: list, by_slide: dict[int, list[int]], grid: int):
+    """Teacher width, and mean/std of teacher features over the given windows' patches."""
+    import torch
+
+    total, total_sq, n, dim = 0.0, 0.0, 0, 0
+    for s, windows in sorted(by_slide.items()):
+        sw = slides[s]
+        coords = {(int(x), int(y)) for w in windows for x, y in sw.patch_coords(w, grid)}
+        rows = sorted(reader.rows[s][c] for c in coords)
+        sel = reader.all_features(s)[rows].astype(np.float64)
+        dim = sel.shape[1]
+        total = total + sel.sum(0)
+        total_sq = total_sq + (sel**2).sum(0)
+        n += len(sel)
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0))
+    return dim, torch.from_numpy(mean).float(), torch.from_numpy(std).float()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,12 +162,3 @@ class WindowDataset(torch.utils.data.Dataset):
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The seeded shuffled order in which one epoch visits each window once."""
     return np.random.default_rng([int(seed), int(epoch), 0x5EED]).permutation(n)
-
-
-def check_slide_path(path: Path) -> str | None:
-    """None when the slide opens, else the reason (the caller counts it as skipped)."""
-    try:
-        with open_slide(path):
-            return None
-    except ClamMcmkdError as err:
-        return str(err)

@@ -1,0 +1,141 @@
+"""The settings of an MCM-KD fine-tuning run (saved with its outputs), checked before any work.
+
+torch-free at import: the CLI takes its option defaults from :class:`FinetuneConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..utils import ClamMcmkdError
+
+
+class FinetuneError(ClamMcmkdError):
+    pass
+
+
+@dataclass
+class FinetuneConfig:
+    data_h5_dir: str
+    data_slide_dir: str
+    csv_path: str
+    teacher: str
+    out: str = "mcmkd_resnet50.pt"
+    slide_ext: str = ".svs"
+    teacher_ckpt: str | None = None
+    teacher_input_size: int | None = None  # None: the teacher's own (timm) input size
+    student: str = "resnet50_trunc"
+    input_size: int = 224  # student input size (what extraction will use)
+    pretrained: bool = True
+    # context windows and masking
+    grid: int = 4
+    window_overlap: bool = False
+    mask_ratio: float = 0.5
+    mask_strategy: str = "random"
+    # predictor
+    predictor_width: int = 256
+    predictor_depth: int = 2
+    predictor_heads: int = 4
+    # loss
+    loss: str = "cosine"
+    visible_weight: float = 0.0
+    # optimisation
+    epochs: int = 1
+    batch_size: int = 32  # windows per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = 1
+    lr: float = 5e-4  # predictor; the student gets lr * student_lr_mult
+    student_lr_mult: float = 0.1
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0  # 0 disables
+    freeze_bn: bool = True
+    # data
+    teacher_cache: str | None = None  # default: <out stem>_teacher_cache/ next to --out
+    max_windows: int | None = None
+    val_frac: float = 0.05
+    max_val_windows: int = 256
+    num_workers: int = 0
+    teacher_batch_size: int = 64
+    # run control
+    resume: bool = False
+    save_every: int = 50  # optimizer steps between resumable states
+    stop_after_steps: int | None = None  # stop cleanly (resumable) after this many steps
+    device: str = "auto"
+    precision: str = "auto"  # autocast on CUDA (auto: bf16); the CPU runs float32
+    seed: int = 0
+    progress: bool = True
+
+
+# Fields that must not change between a run and its --resume.
+RESUME_KEYS = (
+    "teacher", "teacher_ckpt", "teacher_input_size", "student", "input_size", "pretrained",
+    "grid", "window_overlap", "mask_ratio", "mask_strategy", "predictor_width",
+    "predictor_depth", "predictor_heads", "loss", "visible_weight", "epochs", "batch_size",
+    "lr", "student_lr_mult", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
+    "freeze_bn", "max_windows", "val_frac", "max_val_windows", "seed",
+)  # fmt: skip
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    """The files a run writes next to its checkpoint."""
+    out = Path(out)
+    stem = out.with_suffix("")
+    return {
+        "checkpoint": out,
+        "state": Path(f"{stem}.state.pt"),
+        "metrics": Path(f"{stem}.metrics.csv"),
+        "plot": Path(f"{stem}.loss.png"),
+        "config": Path(f"{stem}.config.json"),
+        "summary": Path(f"{stem}.summary.json"),
+        "final_metrics": Path(f"{stem}.final_metrics.json"),
+        "teacher_cache": Path(f"{stem}_teacher_cache"),
+    }
+
+
+def teacher_cache_dir(cfg: FinetuneConfig) -> Path:
+    return Path(cfg.teacher_cache) if cfg.teacher_cache else output_paths(cfg.out)["teacher_cache"]
+
+
+def validate_config(cfg: FinetuneConfig) -> None:
+    """Every option checked before any slide is read or model built."""
+    from ..encoders import STUDENT_ARCHS, EncoderError
+    from ..encoders.forward import autocast_dtype
+    from .losses import LOSSES
+    from .masking import MASK_STRATEGIES
+
+    if cfg.student not in STUDENT_ARCHS:
+        raise EncoderError(
+            f"unknown student '{cfg.student}': MCM-KD fine-tunes {sorted(STUDENT_ARCHS)}"
+        )
+    _check_teacher_name(cfg.teacher)
+    if cfg.grid < 2:
+        raise FinetuneError(f"--grid must be >= 2, got {cfg.grid}")
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise FinetuneError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
+    if cfg.mask_strategy not in MASK_STRATEGIES:
+        raise FinetuneError(f"--mask-strategy must be one of {MASK_STRATEGIES}")
+    if cfg.loss not in LOSSES:
+        raise FinetuneError(f"--loss must be one of {tuple(LOSSES)}")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
+        raise FinetuneError("--batch-size, --grad-accum and --epochs must be >= 1")
+    if not 0.0 <= cfg.val_frac < 1.0:
+        raise FinetuneError(f"--val-frac must be in [0, 1), got {cfg.val_frac}")
+    if cfg.teacher_ckpt is not None and not Path(cfg.teacher_ckpt).is_file():
+        raise EncoderError(f"{cfg.teacher_ckpt}: teacher checkpoint does not exist")
+    autocast_dtype("cpu", cfg.precision)
+
+
+def _check_teacher_name(name: str) -> None:
+    """Fail before any slide is read, without building the (large) teacher."""
+    import timm
+
+    from ..encoders import EncoderError, list_encoders
+
+    if name in list_encoders() or name.startswith("hf-hub:") or timm.is_model(name):
+        return
+    raise EncoderError(
+        f"unknown teacher '{name}': not a registered encoder ({', '.join(list_encoders())}) "
+        "and not a timm model name"
+    )

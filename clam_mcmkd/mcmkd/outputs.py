@@ -1,0 +1,122 @@
+"""What a finished fine-tuning run writes next to its checkpoint (see ``config.output_paths``).
+
+The student checkpoint (what extraction loads), the run's config, the loss history as CSV and a
+plot, the final metrics and the run summary. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..encoders.checkpoint import save_student_checkpoint
+from ..utils import atomic_path, atomic_write_text, save_config
+from .config import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_COLUMNS = ["step", "epoch", "loss", "lr", "lr_student", "windows_per_s"]
+
+
+def run_metrics(
+    plan, history: list[dict], total_steps: int, windows_per_s: float, teacher_dim: int,
+    teacher_stats: dict, world_size: int, val_before: dict | None, val_after: dict | None,
+) -> dict:  # fmt: skip
+    """The run's final metrics (``<out>.final_metrics.json``, also inside the checkpoint)."""
+    metrics = {
+        "steps": total_steps,
+        "train_windows": len(plan.train),
+        "val_windows": len(plan.val),
+        "slides_used": len(plan.slides),
+        "slides_failed": len(plan.summary.failed),
+        "slides_skipped": len(plan.summary.skipped),
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": float(np.mean([h["loss"] for h in history[-10:]])) if history else None,
+        "windows_per_s": windows_per_s,
+        "teacher_dim": teacher_dim,
+        "teacher_patches_computed": int(teacher_stats["patches_computed"]),
+        "teacher_patches_cached": int(teacher_stats["patches_cached"]),
+        "world_size": world_size,
+    }
+    if val_before is not None and val_after is not None:
+        metrics.update(
+            val_cosine_before=val_before["cosine"],
+            val_cosine_after=val_after["cosine"],
+            val_cosine_mean_baseline=val_after["mean_baseline_cosine"],
+            val_masked_positions=val_after["positions"],
+        )
+    return metrics
+
+
+def write_run_outputs(
+    cfg: FinetuneConfig, paths: dict[str, Path], plan, history: list[dict], metrics: dict,
+    student, student_tf, cache_dir: Path,
+) -> None:  # fmt: skip
+    """Config, metrics CSV, loss plot, summary, final metrics, then the student checkpoint."""
+    plan.summary.extra.update(
+        teacher_patches_computed=metrics["teacher_patches_computed"],
+        teacher_patches_cached=metrics["teacher_patches_cached"],
+    )
+    config = asdict(cfg)
+    config["teacher_cache"] = str(cache_dir)
+    save_config(cfg, paths["config"])
+    write_metrics_csv(paths["metrics"], history)
+    plot_loss(paths["plot"], history, metrics)
+    plan.summary.write(paths["summary"])
+    atomic_write_text(paths["final_metrics"], json.dumps(metrics, indent=2) + "\n")
+    save_student_checkpoint(
+        paths["checkpoint"], student, arch=cfg.student, transforms=student_tf, config=config,
+        metrics=metrics,
+    )  # fmt: skip
+    log.warning("finetune: %s", plan.summary.line())
+    if "val_cosine_after" in metrics:
+        log.warning(
+            "finetune: val masked cosine %.4f -> %.4f (mean-feature baseline %.4f)",
+            metrics["val_cosine_before"],
+            metrics["val_cosine_after"],
+            metrics["val_cosine_mean_baseline"],
+        )
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+
+
+def plot_loss(path: Path, history: list[dict], val: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    losses = [h["loss"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss per step")
+    if len(losses) >= 5:
+        k = max(2, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.6, label=f"moving mean ({k})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("MCM-KD loss")
+    title = "MCM-KD fine-tuning"
+    if val:
+        title += (
+            f"\nval masked cosine {val.get('val_cosine_before', float('nan')):.3f} -> "
+            f"{val.get('val_cosine_after', float('nan')):.3f} "
+            f"(mean baseline {val.get('val_cosine_mean_baseline', float('nan')):.3f})"
+        )
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
