@@ -544,7 +544,7 @@ def patch_clam_cmd(clam_dir: str, action: str | None, patches_dir: str | None) -
 def _print_report(report) -> None:
     import json
 
-    from .report import read_report_table
+    from .benchmark.report import read_report_table
 
     cfg = json.loads((report.parent / "benchmark_config.json").read_text())
     click.echo(read_report_table(report.parent, cfg["extraction"]["baseline"]))
@@ -573,8 +573,8 @@ def benchmark_cmd(config_name, models, k, teacher, no_pretrained, **kw) -> None:
     tile -> splits -> finetune -> extract features (3 encoders) -> train -> report.md.
     Each stage resumes from what is already in --out.
     """
-    from .bench_config import load_config, with_overrides
-    from .benchmark import run_benchmark
+    from .benchmark.config import load_config, with_overrides
+    from .benchmark.run import run_benchmark
 
     overrides = dict(kw)
     if models:
@@ -597,7 +597,7 @@ def benchmark_cmd(config_name, models, k, teacher, no_pretrained, **kw) -> None:
 @option("--device", default="cpu", show_default=True, help="cpu, cuda, auto ...")
 def demo_cmd(**kw) -> None:
     """The benchmark on a synthetic cohort with small untrained models: offline, CPU, minutes."""
-    from .demo import DemoConfig, run_demo
+    from .benchmark.demo import DemoConfig, run_demo
 
     _print_report(run_demo(DemoConfig(**kw)))
 

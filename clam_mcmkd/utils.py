@@ -73,6 +73,19 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def field_default(cls: type, name: str) -> Any:
+    """The default of a config dataclass field, so that other configs and the CLI take it from
+    there instead of typing it again."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Save a config dataclass as JSON next to the outputs it produced."""
     atomic_write_text(path, json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")

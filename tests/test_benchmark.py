@@ -13,16 +13,16 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from clam_mcmkd.bench_config import (
+from clam_mcmkd.benchmark.config import (
     NAMED_CONFIGS,
     BenchmarkConfigError,
     config_from_dict,
     load_config,
     with_overrides,
 )
-from clam_mcmkd.benchmark import BenchmarkError, run_benchmark
+from clam_mcmkd.benchmark.demo import DemoConfig, benchmark_config, resolve, run_demo
+from clam_mcmkd.benchmark.run import BenchmarkError, run_benchmark
 from clam_mcmkd.cli import main
-from clam_mcmkd.demo import DemoConfig, benchmark_config, resolve, run_demo
 
 REPORT_FILES = ("report.md", "report.csv", "report_folds.csv")
 
@@ -88,7 +88,7 @@ def test_camelyon16_fixed_test_set_is_in_every_fold_and_never_fine_tuned_on(tmp_
     """The official split column: test slides are every fold's test set, folds use the rest."""
     import numpy as np
 
-    from clam_mcmkd.benchmark import Layout, stage_dataset, stage_splits
+    from clam_mcmkd.benchmark.run import Layout, stage_dataset, stage_splits
     from clam_mcmkd.clam.formats import read_dataset_csv, read_splits, write_coords_h5
 
     out = tmp_path / "out"

@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 
-from clam_mcmkd.clam.formats import ClamFormatError, write_pkl, write_summary
-from clam_mcmkd.report import (
+from clam_mcmkd.benchmark.report import (
     ResultRun,
     load_test_predictions,
     read_report_table,
     wilcoxon_p,
     write_report,
 )
+from clam_mcmkd.clam.formats import ClamFormatError, write_pkl, write_summary
 
 ENCODERS = ("resnet50_trunc", "teacher_vit", "mcmkd_resnet50")
 MODELS = ("abmil", "clam_sb")

@@ -4,4 +4,5 @@
   dataset and split CSVs, results).
 * :mod:`.patch` - ``patch-clam``: applies ``patches/*.patch`` to a CLAM checkout.
 * :mod:`.compat` - what the patched CLAM scripts call (``clam_mcmkd.clam_compat`` re-exports it).
+* :mod:`.runner` - runs CLAM's own scripts for the benchmark (``--clam-dir``).
 """

@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from .clam.formats import (
+from ..clam.formats import (
     SUMMARY_NAME,
     ClamFormatError,
     fold_results_path,
     read_pkl,
     read_summary,
 )
-from .utils import ClamMcmkdError, atomic_path, atomic_write_text, to_jsonable
+from ..utils import ClamMcmkdError, atomic_path, atomic_write_text, to_jsonable
 
 METRICS = ("test_auc", "test_acc", "val_auc", "val_acc")
 PAIRED_METRICS = ("test_auc", "test_acc")

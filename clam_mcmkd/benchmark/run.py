@@ -16,29 +16,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench_config import MCMKD_ENCODER, BenchmarkConfig
-from .clam import formats
-from .utils import ClamMcmkdError, atomic_write_text, to_jsonable
+from ..clam import formats
+from ..clam.runner import CLAM_EXTRACT_MODELS, CLAM_SCRIPTS, clam_extract, clam_task_for, clam_train
+from ..mil.models import get_mil_model, list_mil_models
+from ..utils import ClamMcmkdError, atomic_write_text, to_jsonable
+from .config import MCMKD_ENCODER, BenchmarkConfig
 
 log = logging.getLogger(__name__)
-
-# encoders CLAM's (patched) extract_features_fp.py can build; others are extracted by ours
-CLAM_EXTRACT_MODELS = ("resnet50_trunc", "uni_v1", "conch_v1", "mcmkd_resnet50")
-# our MIL model name -> CLAM main.py arguments (ABMIL is CLAM-SB without instance clustering)
-CLAM_MODEL_ARGS = {
-    "abmil": ["--model_type", "clam_sb", "--no_inst_cluster"],
-    "clam_sb": ["--model_type", "clam_sb"],
-    "clam_mb": ["--model_type", "clam_mb"],
-}
 
 
 class BenchmarkError(ClamMcmkdError):
@@ -152,12 +142,16 @@ def _check_inputs(cfg: BenchmarkConfig) -> None:
     if not Path(cfg.labels).is_file():
         raise BenchmarkError(f"{cfg.labels}: --labels file does not exist")
     if cfg.clam_dir:
-        for script in ("extract_features_fp.py", "main.py"):
+        for script in CLAM_SCRIPTS:
             if not (Path(cfg.clam_dir) / script).is_file():
                 raise BenchmarkError(f"{cfg.clam_dir}: not a CLAM checkout (no {script})")
-    unknown = [m for m in cfg.mil.models if m not in CLAM_MODEL_ARGS]
+    unknown = [m for m in cfg.mil.models if m not in list_mil_models()]
     if unknown:
-        raise BenchmarkError(f"unknown MIL model(s) {unknown} (choices: {list(CLAM_MODEL_ARGS)})")
+        raise BenchmarkError(f"unknown MIL model(s) {unknown} (choices: {list_mil_models()})")
+    if cfg.clam_dir:
+        no_clam = [m for m in cfg.mil.models if get_mil_model(m).clam_args is None]
+        if no_clam:
+            raise BenchmarkError(f"CLAM's main.py cannot train {no_clam}; run without --clam-dir")
 
 
 def _slide_ext(cfg: BenchmarkConfig) -> str:
@@ -173,7 +167,7 @@ def _slide_ext(cfg: BenchmarkConfig) -> str:
 
 def stage_tile(cfg: BenchmarkConfig, layout: Layout, slide_ext: str) -> dict:
     """Coords into ``<out>/patches`` (CLAM coords already there are kept, as CLAM keeps them)."""
-    from .tiling import TileConfig, tile_slides
+    from ..tiling import TileConfig, tile_slides
 
     t = cfg.tiling
     tile_cfg = TileConfig(
@@ -236,7 +230,7 @@ def _write_id_csv(path: Path, slide_ids: list[str]) -> None:
 
 
 def stage_splits(cfg: BenchmarkConfig, layout: Layout) -> dict:
-    from .splits import SplitConfig, make_splits
+    from ..splits import SplitConfig, make_splits
 
     s = cfg.splits
     split_cfg = SplitConfig(
@@ -256,7 +250,7 @@ def stage_splits(cfg: BenchmarkConfig, layout: Layout) -> dict:
 
 
 def stage_finetune(cfg: BenchmarkConfig, layout: Layout, slide_ext: str) -> dict:
-    from .mcmkd import FinetuneConfig, finetune, output_paths
+    from ..mcmkd import FinetuneConfig, finetune, output_paths
 
     f = cfg.finetune
     resume = output_paths(layout.checkpoint)["state"].is_file()  # a killed run goes on
@@ -291,7 +285,7 @@ def _encoder_ckpt(encoder: str, layout: Layout) -> str | None:
 
 def stage_extract(cfg: BenchmarkConfig, layout: Layout, encoder: str, slide_ext: str) -> dict:
     """One feature set; through CLAM's extract_features_fp.py with --clam-dir where it can."""
-    from .features import ExtractConfig, extract_features
+    from ..features import ExtractConfig, extract_features
 
     e = cfg.extraction
     feat_dir = layout.features(encoder)
@@ -313,7 +307,7 @@ def stage_extract(cfg: BenchmarkConfig, layout: Layout, encoder: str, slide_ext:
     slide_ids = formats.read_dataset_csv(layout.dataset_csv)["slide_id"].tolist()
     started = time.time()
     if cfg.clam_dir and encoder in CLAM_EXTRACT_MODELS:
-        _run_clam_extract(cfg, ex_cfg)
+        clam_extract(cfg.clam_dir, ex_cfg, cfg.device)
         runner = "clam"
         missing = [s for s in slide_ids if not formats.features_done(feat_dir, s)]
         failed = {s: "CLAM wrote no features" for s in missing}
@@ -337,7 +331,7 @@ def stage_extract(cfg: BenchmarkConfig, layout: Layout, encoder: str, slide_ext:
 
 def _compute_figures(ex_cfg) -> dict:
     """Parameters and GFLOPs/patch of the encoder as extraction built it (random init suffices)."""
-    from .encoders import create_encoder, encoder_flops_params
+    from ..encoders import create_encoder, encoder_flops_params
 
     encoder = create_encoder(
         ex_cfg.model, pretrained=False, ckpt=ex_cfg.ckpt, target_img_size=ex_cfg.target_patch_size
@@ -351,57 +345,8 @@ def _compute_figures(ex_cfg) -> dict:
     }
 
 
-def _run_clam_extract(cfg: BenchmarkConfig, ex_cfg) -> None:
-    args = [
-        "extract_features_fp.py",
-        "--data_h5_dir", ex_cfg.data_h5_dir,
-        "--data_slide_dir", ex_cfg.data_slide_dir,
-        "--csv_path", ex_cfg.csv_path,
-        "--feat_dir", ex_cfg.feat_dir,
-        "--model_name", ex_cfg.model,
-        "--batch_size", str(ex_cfg.batch_size),
-        "--slide_ext", ex_cfg.slide_ext,
-        "--target_patch_size", str(ex_cfg.target_patch_size),
-    ]  # fmt: skip
-    env = {}
-    if ex_cfg.ckpt:
-        env["MCMKD_CKPT_PATH"] = str(Path(ex_cfg.ckpt).resolve())
-    _run_clam(cfg, args, env)
-
-
-# Runs a CLAM script as `python script.py ...` would, with pandas >= 3's string dtype switched
-# off: CLAM's datasets write integer labels into the label column, which that dtype refuses.
-_CLAM_LAUNCHER = """
-import runpy, sys
-try:
-    import pandas
-    pandas.set_option("future.infer_string", False)
-except Exception:
-    pass
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def _run_clam(cfg: BenchmarkConfig, args: list[str], env: dict[str, str]) -> None:
-    """Run one of CLAM's scripts in its checkout, with this Python (clam_mcmkd importable)."""
-    full_env = {**os.environ, **env}
-    if cfg.device not in ("auto", "cpu") and cfg.device.startswith("cuda:"):
-        full_env.setdefault("CUDA_VISIBLE_DEVICES", cfg.device.split(":", 1)[1])
-    elif cfg.device == "cpu":
-        full_env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-c", _CLAM_LAUNCHER, *args]
-    log.info("running CLAM: python %s (in %s)", " ".join(args), cfg.clam_dir)
-    proc = subprocess.run(cmd, cwd=cfg.clam_dir, env=full_env)
-    if proc.returncode != 0:
-        raise BenchmarkError(
-            f"CLAM's {args[0]} in {cfg.clam_dir} exited with status {proc.returncode} "
-            f"(command: python {' '.join(args)})"
-        )
-
-
 def _train_config(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str):
-    from .mil import TrainConfig
+    from ..mil import TrainConfig
 
     m = cfg.mil
     return TrainConfig(
@@ -427,12 +372,12 @@ def _train_config(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str
 
 def stage_train(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str) -> dict:
     """Train one MIL model on one feature set: CLAM's main.py with --clam-dir, else ours."""
-    from .mil import train
+    from ..mil import train
 
     tr_cfg = _train_config(cfg, layout, encoder, model)
     if cfg.clam_dir:
-        _run_clam_train(cfg, tr_cfg)
-        summary = tr_cfg.run_dir / "summary.csv"
+        clam_train(cfg.clam_dir, tr_cfg, clam_task_for(cfg.labels, cfg.name), cfg.device)
+        summary = tr_cfg.run_dir / formats.SUMMARY_NAME
         if not summary.is_file():
             raise BenchmarkError(f"{summary}: CLAM's main.py wrote no summary")
         runner = "clam"
@@ -440,49 +385,6 @@ def stage_train(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str) 
         summary = train(tr_cfg)
         runner = "clam-mcmkd"
     return {"config": tr_cfg, "runner": runner, "summary": str(summary)}
-
-
-def _clam_task(cfg: BenchmarkConfig) -> str:
-    """The patched CLAM task whose label dict matches this benchmark's labels."""
-    from .clam.compat import CLAM_TASKS
-
-    labels = set(formats.read_dataset_csv(cfg.labels)["label"])
-    for name, label_dict in CLAM_TASKS.items():
-        if name == cfg.name or (labels <= set(label_dict) and cfg.name not in CLAM_TASKS):
-            return name
-    raise BenchmarkError(
-        f"{cfg.labels}: labels {sorted(labels)} match no task of the patched CLAM "
-        f"({', '.join(CLAM_TASKS)}); run without --clam-dir"
-    )
-
-
-def _run_clam_train(cfg: BenchmarkConfig, tr) -> None:
-    sample = formats.read_dataset_csv(tr.csv_path)["slide_id"].iloc[0]
-    embed_dim = formats.read_features(tr.data_root_dir, sample).shape[1]
-    Path(tr.results_dir).mkdir(parents=True, exist_ok=True)  # CLAM makes only the last level
-    args = [
-        "main.py",
-        "--task", _clam_task(cfg),
-        "--csv_path", str(Path(tr.csv_path).resolve()),
-        "--data_root_dir", str(Path(tr.data_root_dir).resolve()),
-        "--split_dir", str(Path(tr.split_dir).resolve()),
-        "--results_dir", str(Path(tr.results_dir).resolve()),
-        "--exp_code", tr.exp_code,
-        "--k", str(tr.k),
-        "--seed", str(tr.seed),
-        "--max_epochs", str(tr.max_epochs),
-        "--lr", str(tr.lr),
-        "--reg", str(tr.reg),
-        "--drop_out", str(tr.drop_out),
-        "--bag_loss", tr.bag_loss,
-        "--inst_loss", tr.inst_loss,
-        "--bag_weight", str(tr.bag_weight),
-        "--embed_dim", str(embed_dim),
-        *CLAM_MODEL_ARGS[tr.model_type],
-    ]  # fmt: skip
-    args += ["--early_stopping"] if tr.early_stopping else []
-    args += ["--weighted_sample"] if tr.weighted_sample else []
-    _run_clam(cfg, args, {})
 
 
 def _save_if_changed(cfg: BenchmarkConfig, path: Path) -> None:

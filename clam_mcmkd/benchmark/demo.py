@@ -11,15 +11,17 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bench_config import BenchmarkConfig, load_config, with_overrides
+from ..cohort import CohortConfig
+from ..utils import field_default
+from .config import BenchmarkConfig, load_config, with_overrides
 
 
 @dataclass
 class DemoConfig:
     out: str = "clam_mcmkd_demo"
-    n_slides: int = 24
-    size: int = 4096  # level-0 side of each synthetic slide, pixels
-    seed: int = 0
+    n_slides: int = field_default(CohortConfig, "n_slides")
+    size: int = field_default(CohortConfig, "size")  # level-0 side of each slide, pixels
+    seed: int = field_default(CohortConfig, "seed")
     k: int | None = None  # folds (default: the demo config's)
     max_epochs: int | None = None  # MIL epochs (default: the demo config's)
     max_windows: int | None = None  # MCM-KD windows (default: the demo config's)
@@ -64,8 +66,8 @@ def benchmark_config(cfg: DemoConfig) -> BenchmarkConfig:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Make (or reuse) the cohort, run the benchmark; returns report.md. Resumes like benchmark."""
-    from .benchmark import run_benchmark
-    from .cohort import make_cohort
+    from ..cohort import make_cohort
+    from .run import run_benchmark
 
     cfg = resolve(cfg)
     out = Path(cfg.out)

@@ -2,9 +2,10 @@
 
 Named configs (``camelyon16``, ``tcga_nsclc``, ``demo``) ship as package data in
 ``clam_mcmkd/configs``; a user's ``FILE.yaml`` has the same shape and may set any subset of the
-fields (the rest keep the defaults below). CLI options override both. Each stage section also
-takes ``options:``, a mapping passed unchanged to that stage's own config dataclass, so every
-setting of a stage is reachable without this module naming it.
+fields (the rest keep the defaults below, most of them taken from the stage configs). CLI
+options override both. Each stage section also takes ``options:``, a mapping passed unchanged to
+that stage's own config dataclass, so every setting of a stage is reachable without this module
+naming it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .utils import ClamMcmkdError
+from ..features import ExtractConfig
+from ..mcmkd.config import FinetuneConfig
+from ..mil.config import TrainConfig
+from ..splits import SplitConfig
+from ..tiling import TileConfig
+from ..utils import ClamMcmkdError, field_default
 
 NAMED_CONFIGS = ("camelyon16", "tcga_nsclc", "demo")
-BASELINE_ENCODER = "resnet50_trunc"
+BASELINE_ENCODER = field_default(ExtractConfig, "model")  # CLAM's resnet50_trunc
 MCMKD_ENCODER = "mcmkd_resnet50"
 
 
@@ -30,23 +36,23 @@ class BenchmarkConfigError(ClamMcmkdError):
 
 @dataclass
 class TilingSettings:
-    patch_size: int = 256
-    step_size: int = 256
-    mag: float = 20.0
-    min_tissue: float = 0.5
+    patch_size: int = field_default(TileConfig, "patch_size")
+    step_size: int = field_default(TileConfig, "step_size")
+    mag: float = field_default(TileConfig, "mag")
+    min_tissue: float = field_default(TileConfig, "min_tissue")
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class FinetuneSettings:
-    student: str = BASELINE_ENCODER
+    student: str = field_default(FinetuneConfig, "student")
     teacher: str = "vit_large_patch16_224"
-    grid: int = 4
-    mask_ratio: float = 0.5
-    epochs: int = 1
-    batch_size: int = 32
-    input_size: int = 224
-    max_windows: int | None = None
+    grid: int = field_default(FinetuneConfig, "grid")
+    mask_ratio: float = field_default(FinetuneConfig, "mask_ratio")
+    epochs: int = field_default(FinetuneConfig, "epochs")
+    batch_size: int = field_default(FinetuneConfig, "batch_size")
+    input_size: int = field_default(FinetuneConfig, "input_size")
+    max_windows: int | None = field_default(FinetuneConfig, "max_windows")
     lr: float | None = None  # predictor learning rate; None: finetune's default
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -55,34 +61,34 @@ class FinetuneSettings:
 class ExtractionSettings:
     # the untuned extractor MCM-KD starts from; the fine-tuned one is extracted as MCMKD_ENCODER
     baseline: str = BASELINE_ENCODER
-    batch_size: int = 256
-    target_patch_size: int = 224
+    batch_size: int = field_default(ExtractConfig, "batch_size")
+    target_patch_size: int = field_default(ExtractConfig, "target_patch_size")
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class SplitSettings:
-    k: int = 10
-    val_frac: float = 0.1
-    test_frac: float = 0.1
+    k: int = field_default(SplitConfig, "k")
+    val_frac: float = field_default(SplitConfig, "val_frac")
+    test_frac: float = field_default(SplitConfig, "test_frac")
     patient_strat: bool = True
     # a labels-CSV column whose value "test" marks a fixed test set shared by every fold
     # (CAMELYON16's official test slides); the folds are then drawn from the other slides
     fixed_test_column: str | None = None
-    seed: int = 1
+    seed: int = field_default(SplitConfig, "seed")
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class MilSettings:
     models: list[str] = field(default_factory=lambda: ["abmil", "clam_sb"])
-    max_epochs: int = 200
-    lr: float = 2e-4
-    reg: float = 1e-5
-    drop_out: float = 0.25
+    max_epochs: int = field_default(TrainConfig, "max_epochs")
+    lr: float = field_default(TrainConfig, "lr")
+    reg: float = field_default(TrainConfig, "reg")
+    drop_out: float = field_default(TrainConfig, "drop_out")
     early_stopping: bool = True
     weighted_sample: bool = True
-    seed: int = 1
+    seed: int = field_default(TrainConfig, "seed")
     options: dict[str, Any] = field(default_factory=dict)
 
 
