@@ -14,6 +14,9 @@ from typing import Any
 
 from ..utils import ClamMcmkdError
 
+SIZES = {"small": (512, 256), "big": (512, 384)}  # CLAM's size_arg -> (hidden, attention)
+MIL_LOSSES = ("ce", "svm")  # bag / instance losses (nets.make_loss)
+
 
 @dataclass(frozen=True)
 class MilModel:

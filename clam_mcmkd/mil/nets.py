@@ -19,8 +19,7 @@ from torch import nn
 
 from ..encoders.checkpoint import load_checkpoint
 from ..utils import ClamMcmkdError, atomic_path
-
-SIZES = {"small": (512, 256), "big": (512, 384)}  # CLAM's size_arg -> (hidden, attention)
+from .models import MIL_LOSSES, SIZES
 
 
 class SmoothTop1SVM(nn.Module):
@@ -53,7 +52,7 @@ def make_loss(name: str, n_classes: int) -> nn.Module:
         return nn.CrossEntropyLoss()
     if name == "svm":
         return SmoothTop1SVM(n_classes)
-    raise ValueError(f"unknown loss '{name}' (choose ce or svm)")
+    raise ValueError(f"unknown loss '{name}' (choose {' or '.join(MIL_LOSSES)})")
 
 
 class AttnNet(nn.Module):

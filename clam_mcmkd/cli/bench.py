@@ -1,0 +1,73 @@
+"""Benchmark commands: ``benchmark``, ``demo``."""
+
+from __future__ import annotations
+
+import click
+
+from ..benchmark.demo import DemoConfig
+from ..mil.models import list_mil_models
+from .options import config_option, option
+
+
+def _print_report(report) -> None:
+    import json
+
+    from ..benchmark.report import read_report_table
+
+    cfg = json.loads((report.parent / "benchmark_config.json").read_text())
+    click.echo(read_report_table(report.parent, cfg["extraction"]["baseline"]))
+    click.echo(f"\nreport: {report}")
+
+
+@click.command("benchmark")
+@option("--config", "config_name", required=True,
+        help="camelyon16, tcga_nsclc, demo, or a FILE.yaml of the same shape.")  # fmt: skip
+@option("--slides", default=None, help="Directory with the slides.")
+@option("--labels", default=None,
+        help="Dataset CSV: case_id, slide_id, label (camelyon16 also: split = train|test).")  # fmt: skip
+@option("--out", default=None, help="Output directory; a rerun resumes from what is in it.")
+@option("--teacher", default=None, help="Teacher encoder (timm name); default: the config's.")
+@option("--models", default=None,
+        help=f"MIL models, comma-separated: {','.join(list_mil_models())}.")  # fmt: skip
+@option("--k", default=None, type=int, help="Number of folds; default: the config's.")
+@option("--slide-ext", default=None, help="Slide extension; default: the config's, else guessed.")
+@option("--clam-dir", default=None,
+        help="A CLAM checkout patched by `patch-clam`: extraction and MIL training run its scripts.")  # fmt: skip
+@option("--no-pretrained", is_flag=True, help="Random (seeded) weights: runs offline.")
+@option("--num-workers", default=None, type=int, help="Patch-reading processes.")
+@option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... (default: the config's, auto).")
+def benchmark_cmd(config_name, models, k, teacher, no_pretrained, **kw) -> None:
+    """Baseline vs teacher vs MCM-KD fine-tuned encoder, every MIL model, the same folds.
+
+    tile -> splits -> finetune -> extract features (3 encoders) -> train -> report.md.
+    Each stage resumes from what is already in --out.
+    """
+    from ..benchmark import load_config, run_benchmark, with_overrides
+
+    overrides = dict(kw)
+    if models:
+        overrides["mil.models"] = [m.strip() for m in models.split(",") if m.strip()]
+    overrides["splits.k"] = k
+    overrides["finetune.teacher"] = teacher
+    overrides["pretrained"] = False if no_pretrained else None
+    cfg = with_overrides(load_config(config_name), **overrides)
+    _print_report(run_benchmark(cfg))
+
+
+@click.command("demo")
+@config_option(DemoConfig, "out", help="Output directory.")
+@config_option(DemoConfig, "n_slides", help="Synthetic slides.")
+@config_option(DemoConfig, "size", help="Slide side, level-0 pixels.")
+@option("--smallest", is_flag=True, help="The smallest meaningful run (what CI runs).")
+@option("--k", default=None, type=int, help="Folds (default: the demo config's).")
+@option("--max-epochs", default=None, type=int, help="MIL epochs (default: the demo config's).")
+@config_option(DemoConfig, "seed", help="Cohort seed.")
+@config_option(DemoConfig, "device", help="cpu, cuda, auto ...")
+def demo_cmd(**kw) -> None:
+    """The benchmark on a synthetic cohort with small untrained models: offline, CPU, minutes."""
+    from ..benchmark import run_demo
+
+    _print_report(run_demo(DemoConfig(**kw)))
+
+
+COMMANDS = (benchmark_cmd, demo_cmd)

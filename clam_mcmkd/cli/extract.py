@@ -1,0 +1,56 @@
+"""Feature commands: ``extract-features``, ``list-encoders``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ..features import ExtractConfig
+from .options import config_option, device_option, option, precision_option
+
+
+@click.command("extract-features")
+@option("--data-h5-dir", required=True, help="Directory with CLAM's patches/<slide_id>.h5.")
+@option("--data-slide-dir", required=True, help="Directory with the slides.")
+@config_option(ExtractConfig, "slide_ext", help="Slide file extension.")
+@option("--csv-path", default=None, help="CSV with a slide_id column (default: every coords h5).")
+@option("--feat-dir", required=True, help="Output: h5_files/ and pt_files/ go here.")
+@config_option(ExtractConfig, "model", "--model", "--model-name",
+               help="Encoder: resnet50_trunc, mcmkd_resnet50, uni_v1, ... or any timm name.")  # fmt: skip
+@config_option(ExtractConfig, "batch_size")
+@option("--no-auto-skip", is_flag=True, help="Recompute slides whose features exist.")
+@config_option(ExtractConfig, "target_patch_size",
+               help="Encoder input size (patches are resized to it).")  # fmt: skip
+@option("--ckpt", default=None, help="Encoder checkpoint (mcmkd_resnet50: else MCMKD_CKPT_PATH).")
+@config_option(ExtractConfig, "num_workers", help="Patch-reading processes.")
+@device_option(ExtractConfig)
+@precision_option(ExtractConfig)
+@option("--no-pretrained", is_flag=True, help="Random (seeded) weights: builds models offline.")
+def extract_features_cmd(**kw) -> None:
+    """Patch features for every slide, in CLAM's h5_files/ + pt_files/ layout.
+
+    Works under `torchrun --nproc_per_node N` (slides are shared out across ranks).
+    """
+    from ..features import extract_features
+
+    kw["pretrained"] = not kw.pop("no_pretrained")
+    summary = extract_features(ExtractConfig(**kw))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(summary.line())
+    if summary.failed and not summary.done and not summary.skipped:
+        sys.exit(1)
+
+
+@click.command("list-encoders")
+def list_encoders_cmd() -> None:
+    """Registered encoder names (any timm model name works as well)."""
+    from ..encoders import list_encoders
+
+    for name, desc in list_encoders().items():
+        click.echo(f"{name:18s} {desc}")
+    click.echo("<timm name>        any timm model (hf-hub:... too), pooled features; --ckpt FILE")
+
+
+COMMANDS = (extract_features_cmd, list_encoders_cmd)

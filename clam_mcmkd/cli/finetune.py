@@ -1,0 +1,97 @@
+"""``clam-mcmkd finetune``: every option of :class:`~clam_mcmkd.mcmkd.FinetuneConfig`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from ..mcmkd.config import FinetuneConfig
+from ..mcmkd.losses import LOSSES
+from ..mcmkd.masking import MASK_STRATEGIES
+from .options import config_option, device_option, option, precision_option
+
+
+def _opt(field: str, *names: str, **kwargs):
+    return config_option(FinetuneConfig, field, *names, **kwargs)
+
+
+@click.command("finetune")
+@option("--data-h5-dir", required=True, help="Directory with CLAM's patches/<slide_id>.h5.")
+@option("--data-slide-dir", required=True, help="Directory with the slides.")
+@option("--csv-path", required=True, help="Dataset CSV (slide_id column; labels are not used).")
+@_opt("slide_ext", help="Slide file extension.")
+@option("--teacher", required=True,
+        help="Frozen teacher: any timm name (hf-hub:... too) or registered encoder.")  # fmt: skip
+@option("--teacher-ckpt", default=None, help="Local weights for the teacher (state dict).")
+@option("--teacher-input-size", default=None, type=int,
+        help="Teacher input size (default: its own).")  # fmt: skip
+@_opt("student", help="Student: resnet50_trunc or resnet18_trunc.")
+@_opt("input_size", help="Student input size (as at extraction).")
+@_opt("grid", help="Context window side g (g x g patches).")
+@option("--window-overlap", is_flag=True,
+        help="Take every valid window corner (default: non-overlapping windows).")  # fmt: skip
+@_opt("mask_ratio", help="Share of window positions masked.")
+@_opt("mask_strategy", type=click.Choice(MASK_STRATEGIES))
+@_opt("predictor_width")
+@_opt("predictor_depth")
+@_opt("predictor_heads")
+@_opt("loss", type=click.Choice(list(LOSSES)))
+@_opt("visible_weight", help="Loss weight on visible positions.")
+@_opt("epochs")
+@_opt("batch_size", help="Windows per optimizer step (all ranks together).")
+@_opt("grad_accum", help="Micro-batches per optimizer step.")
+@_opt("lr", help="Predictor learning rate.")
+@_opt("student_lr_mult", help="Student lr = lr x this.")
+@_opt("weight_decay")
+@_opt("warmup_frac", help="Share of steps of linear warm-up.")
+@_opt("min_lr_ratio", help="Cosine decay floor (x lr).")
+@_opt("grad_clip", help="Gradient norm clip (0: off).")
+@option("--no-freeze-bn", is_flag=True,
+        help="Update the student's BatchNorm statistics (frozen by default).")  # fmt: skip
+@option("--teacher-cache", default=None,
+        help="Teacher-feature cache dir (default: <out>_teacher_cache/).")  # fmt: skip
+@option("--max-windows", default=None, type=int, help="Train on at most N windows (seeded choice).")
+@_opt("val_frac", help="Share of slides held out for validation.")
+@_opt("max_val_windows")
+@_opt("num_workers", help="Window-reading processes.")
+@_opt("teacher_batch_size")
+@_opt("save_every", help="Steps between resumable states.")
+@option("--stop-after-steps", default=None, type=int,
+        help="Stop (resumable) after N steps, e.g. to time-box a job.")  # fmt: skip
+@option("--resume", is_flag=True, help="Continue an interrupted run from <out>.state.pt.")
+@option("--no-pretrained", is_flag=True, help="Random (seeded) weights: builds models offline.")
+@device_option(FinetuneConfig)
+@precision_option(FinetuneConfig)
+@_opt("seed")
+@option("--out", required=True, help="Output checkpoint, e.g. mcmkd_resnet50.pt.")
+def finetune_cmd(**kw) -> None:
+    """MCM-KD: fine-tune the patch encoder to predict a teacher's features of masked patches.
+
+    Writes OUT (load it with `extract-features --model mcmkd_resnet50 --ckpt OUT`), plus
+    OUT-stem .metrics.csv, .loss.png, .config.json, .final_metrics.json, .summary.json.
+    Works under `torchrun --nproc_per_node N $(which clam-mcmkd) finetune ...`.
+    """
+    from ..mcmkd import finetune, output_paths
+
+    kw["pretrained"] = not kw.pop("no_pretrained")
+    kw["freeze_bn"] = not kw.pop("no_freeze_bn")
+    path = finetune(FinetuneConfig(**kw))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if path == output_paths(kw["out"])["state"]:
+        click.echo(f"stopped early; state in {path} (continue with --resume)")
+        return
+    metrics = json.loads(output_paths(kw["out"])["final_metrics"].read_text())
+    click.echo(f"wrote {path}")
+    if "val_cosine_after" in metrics:
+        click.echo(
+            "val masked cosine to teacher: before {val_cosine_before:.4f}, after "
+            "{val_cosine_after:.4f}, mean-feature baseline {val_cosine_mean_baseline:.4f}".format(
+                **metrics
+            )
+        )
+
+
+COMMANDS = (finetune_cmd,)

@@ -1,0 +1,94 @@
+"""MIL commands: ``train``, ``eval`` (model names from the MIL model registry)."""
+
+from __future__ import annotations
+
+import click
+
+from ..mil.config import EvalConfig, TrainConfig
+from ..mil.models import MIL_LOSSES, SIZES, list_mil_models
+from .options import (
+    config_option,
+    device_option,
+    label_dict_option,
+    option,
+    parse_embed_dim,
+    stack,
+)
+
+
+def _common_options(cls: type):
+    """The options `train` and `eval` share: features, labels, fold range, device."""
+    return stack(
+        option("--data-root-dir", required=True, help="Feature dir with pt_files/ (or h5_files/)."),
+        option("--csv-path", required=True, help="Dataset CSV (case_id, slide_id, label)."),
+        config_option(cls, "k_start", help="First fold (-1: 0)."),
+        config_option(cls, "k_end", help="End fold, exclusive (-1: k)."),
+        label_dict_option(),
+        config_option(
+            cls, "embed_dim", type=str, callback=parse_embed_dim, help="Feature width or auto."
+        ),  # fmt: skip
+        device_option(cls),
+    )
+
+
+def _opt(field: str, *names: str, **kwargs):
+    return config_option(TrainConfig, field, *names, **kwargs)
+
+
+@click.command("train")
+@_common_options(TrainConfig)
+@option("--split-dir", required=True, help="Folder with splits_<k>.csv (ours or CLAM's).")
+@option("--results-dir", default="./results", show_default=True, help="Results root.")
+@option("--exp-code", required=True,
+        help="Run name: results go to <results-dir>/<exp-code>_s<seed>.")  # fmt: skip
+@_opt("model_type", type=click.Choice(list_mil_models()),
+      help="abmil = CLAM-SB without instance clustering.")  # fmt: skip
+@_opt("k", "--k", help="Number of folds.")
+@_opt("max_epochs")
+@option(
+    "--early-stopping", is_flag=True, help="CLAM's early stopping (patience 20, after epoch 50)."
+)
+@option("--weighted-sample", is_flag=True, help="Class-balanced bag sampling.")
+@_opt("opt", type=click.Choice(["adam", "sgd"]))
+@_opt("lr", help="Learning rate (CLAM's README recipe).")
+@_opt("reg", help="Weight decay.")
+@_opt("drop_out")
+@_opt("bag_loss", type=click.Choice(MIL_LOSSES))
+@_opt("inst_loss", type=click.Choice(MIL_LOSSES))
+@_opt("bag_weight", help="Bag loss weight (clam_*).")
+@_opt("B", "--B", "B", help="Instances per class for clustering.")
+@option("--subtyping/--no-subtyping", default=None, help="Default: on for >2 classes.")
+@_opt("model_size", type=click.Choice(list(SIZES)))
+@_opt("seed")
+@option("--no-cache", is_flag=True, help="Re-read feature files every epoch (low memory).")
+def train_cmd(**kw):
+    """Train ABMIL / CLAM-SB / CLAM-MB on k-fold splits (CLAM's main.py semantics)."""
+    from ..mil import parse_label_dict, train
+
+    kw["label_dict"] = parse_label_dict(kw["label_dict"])
+    kw["cache_features"] = not kw.pop("no_cache")
+    summary = train(TrainConfig(**kw))
+    click.echo(f"summary: {summary}")
+
+
+@click.command("eval")
+@_common_options(EvalConfig)
+@option("--models-dir", required=True, help="A train run dir with s_<k>_checkpoint.pt.")
+@option("--eval-dir", required=True, help="Output folder (summary.csv, predictions).")
+@option("--split-dir", default=None, help="Splits folder; without it every CSV slide is used.")
+@config_option(EvalConfig, "split", type=click.Choice(["train", "val", "test", "all"]))
+@option("--k", default=None, type=int, help="Number of folds (default: the run's).")
+@option("--model-type", type=click.Choice(list_mil_models()), default=None,
+        help="Default: from the run's train_config.json, else clam_sb.")  # fmt: skip
+@option("--drop-out", default=None, type=float)
+@option("--model-size", type=click.Choice(list(SIZES)), default=None)
+def eval_cmd(**kw):
+    """Evaluate saved fold checkpoints on a split or on any CSV of slides."""
+    from ..mil import evaluate, parse_label_dict
+
+    kw["label_dict"] = parse_label_dict(kw["label_dict"])
+    summary = evaluate(EvalConfig(**kw))
+    click.echo(f"summary: {summary}")
+
+
+COMMANDS = (train_cmd, eval_cmd)
