@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .clam.formats import write_dataset_csv
-from .utils import atomic_path, atomic_write_text, progress, save_config
+from .utils import atomic_path, atomic_write_text, field_default, progress, save_config
 
 LABELS = ("normal", "tumor")
 
@@ -409,9 +409,9 @@ def _case_labels(rng: np.random.Generator, cases: list[list[int]], n_pos_slides:
 
 def make_cohort(
     out_dir: str | os.PathLike,
-    n_slides: int = 24,
-    size: int = 4096,
-    seed: int = 0,
+    n_slides: int = field_default(CohortConfig, "n_slides"),
+    size: int = field_default(CohortConfig, "size"),
+    seed: int = field_default(CohortConfig, "seed"),
     **kw,
 ) -> Path:
     """Generate the cohort into `out_dir`; returns the dataset CSV path.

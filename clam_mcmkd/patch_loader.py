@@ -1,7 +1,7 @@
 """Fast patch reading for feature extraction: the slide's own JPEG tiles, decoded once each.
 
 CLAM reads every patch with one OpenSlide ``read_region`` call; its per-call overhead, not JPEG
-decoding, bounds the data path (DESIGN §7). For the common case, a tiled JPEG TIFF/SVS level
+decoding, bounds the data path (benchmarks/RESULTS.md). For the common case, a tiled JPEG TIFF/SVS level
 read by OpenSlide's ``aperio`` or ``generic-tiff`` driver, :class:`PatchReader` reads the
 compressed tiles a patch covers straight from the file (tifffile gives offsets and JPEG tables,
 imagecodecs decodes), keeps decoded tiles in an LRU cache so that neighbouring patches share

@@ -44,14 +44,6 @@ class Slide:
     def level_count(self) -> int:
         return len(self.level_dimensions)
 
-    def best_level_for_downsample(self, downsample: float) -> int:
-        """Deepest level whose downsample does not exceed `downsample` (a little slack)."""
-        best = 0
-        for i, ds in enumerate(self.level_downsamples):
-            if ds <= downsample * 1.01:
-                best = i
-        return best
-
     # -- pixels
     def read_region(
         self, location: tuple[int, int], level: int, size: tuple[int, int]

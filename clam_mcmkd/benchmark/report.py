@@ -298,7 +298,34 @@ def write_report(
         folds.sort_values(["model", "encoder", "fold"]).to_csv(
             tmp, index=False, float_format="%.6g"
         )
+    roc_files = _write_roc_plots(out_dir, runs, folds, model_order, encoder_order)
 
+    parts = [f"# {title}", ""]
+    parts += _results_section(summary, baseline)
+    parts += _paired_section(summary, diffs, baseline)
+    parts += ["## ROC curves (test sets pooled over folds)", ""]
+    parts += [f"![{m}]({p.name})" for m, p in roc_files.items()]
+    parts += _compute_section(_ordered(folds["encoder"], encoder_order), compute or {})
+    if stage_seconds:
+        parts += ["## Wall time per stage", ""]
+        parts += [
+            _markdown_table(
+                ["stage", "seconds"],
+                [[s, _fmt(t, 1)] for s, t in stage_seconds.items()]
+                + [["total", _fmt(sum(stage_seconds.values()), 1)]],
+            ),
+            "",
+        ]
+    if configs:
+        parts += ["## Configuration", "", "```json"]
+        parts += [json.dumps(to_jsonable(configs), indent=2, sort_keys=True), "```", ""]
+    report = out_dir / "report.md"
+    atomic_write_text(report, "\n".join(parts))
+    return report
+
+
+def _write_roc_plots(out_dir: Path, runs, folds, model_order, encoder_order) -> dict[str, Path]:
+    """One ``roc_<model>.png`` per MIL model: every encoder's test ROC, pooled over folds."""
     roc_files = {}
     for model in model_order:
         curves = {}
@@ -314,9 +341,11 @@ def write_report(
             f"{model}: test ROC, pooled over folds",
             out_dir / f"roc_{model}.png",
         )
+    return roc_files
 
-    parts = [f"# {title}", ""]
-    parts += [
+
+def _results_section(summary, baseline: str) -> list[str]:
+    return [
         f"Baseline encoder: `{baseline}`. Mean ± standard deviation over folds; ΔAUC is the mean "
         "per-fold difference to the baseline on the same fold, p the two-sided Wilcoxon "
         "signed-rank test of those differences (n/a with fewer than two folds).",
@@ -336,9 +365,10 @@ def write_report(
             ],
         ),
         "",
-        "## Paired differences against the baseline",
-        "",
     ]
+
+
+def _paired_section(summary, diffs, baseline: str) -> list[str]:
     paired_rows = []
     for _, r in summary[summary["encoder"] != baseline].iterrows():
         d = diffs[(diffs["encoder"] == r["encoder"]) & (diffs["model"] == r["model"])]
@@ -354,48 +384,35 @@ def write_report(
                 per_fold or "n/a",
             ]
         )
-    parts += [
+    return [
+        "## Paired differences against the baseline",
+        "",
         _markdown_table(
             ["model", "encoder", "ΔAUC", "p", "Δacc", "p", "ΔAUC per fold"], paired_rows
         ),
         "",
-        "## ROC curves (test sets pooled over folds)",
-        "",
     ]
-    parts += [f"![{m}]({p.name})" for m, p in roc_files.items()]
-    parts += ["", "## Compute", ""]
-    enc_names = _ordered(folds["encoder"], encoder_order)
-    parts += [
+
+
+def _compute_section(encoders: list[str], compute: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    return [
+        "",
+        "## Compute",
+        "",
         _markdown_table(
             ["encoder", "parameters (M)", "GFLOPs / patch", "patches/s (extraction)"],
             [
                 [
                     e,
-                    _fmt((compute or {}).get(e, {}).get("params_m"), 2),
-                    _fmt((compute or {}).get(e, {}).get("gflops_per_patch"), 2),
-                    _fmt((compute or {}).get(e, {}).get("patches_per_s"), 1),
+                    _fmt(compute.get(e, {}).get("params_m"), 2),
+                    _fmt(compute.get(e, {}).get("gflops_per_patch"), 2),
+                    _fmt(compute.get(e, {}).get("patches_per_s"), 1),
                 ]
-                for e in enc_names
+                for e in encoders
             ],
         ),
         "",
     ]
-    if stage_seconds:
-        parts += ["## Wall time per stage", ""]
-        parts += [
-            _markdown_table(
-                ["stage", "seconds"],
-                [[s, _fmt(t, 1)] for s, t in stage_seconds.items()]
-                + [["total", _fmt(sum(stage_seconds.values()), 1)]],
-            ),
-            "",
-        ]
-    if configs:
-        parts += ["## Configuration", "", "```json"]
-        parts += [json.dumps(to_jsonable(configs), indent=2, sort_keys=True), "```", ""]
-    report = out_dir / "report.md"
-    atomic_write_text(report, "\n".join(parts))
-    return report
 
 
 def read_report_table(out_dir: str | os.PathLike, baseline: str) -> str:

@@ -376,7 +376,8 @@ def stage_train(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str) 
 
     tr_cfg = _train_config(cfg, layout, encoder, model)
     if cfg.clam_dir:
-        clam_train(cfg.clam_dir, tr_cfg, clam_task_for(cfg.labels, cfg.name), cfg.device)
+        task = clam_task_for(cfg.labels, cfg.name)
+        clam_train(cfg.clam_dir, tr_cfg, task, get_mil_model(model).clam_args, cfg.device)
         summary = tr_cfg.run_dir / formats.SUMMARY_NAME
         if not summary.is_file():
             raise BenchmarkError(f"{summary}: CLAM's main.py wrote no summary")

@@ -89,10 +89,9 @@ def clam_task_for(labels_csv: str, name: str) -> str:
     )
 
 
-def clam_train(clam_dir: str, tr, task: str, device: str) -> None:
-    """CLAM's main.py with the settings of a MIL ``TrainConfig``."""
-    from ..mil.models import get_mil_model
-
+def clam_train(clam_dir: str, tr, task: str, model_args: tuple[str, ...], device: str) -> None:
+    """CLAM's main.py with the settings of a MIL ``TrainConfig``; `model_args` are the main.py
+    arguments that select the model (the MIL registry's ``clam_args``)."""
     sample = formats.read_dataset_csv(tr.csv_path)["slide_id"].iloc[0]
     embed_dim = formats.read_features(tr.data_root_dir, sample).shape[1]
     Path(tr.results_dir).mkdir(parents=True, exist_ok=True)  # CLAM makes only the last level
@@ -114,7 +113,7 @@ def clam_train(clam_dir: str, tr, task: str, device: str) -> None:
         "--inst_loss", tr.inst_loss,
         "--bag_weight", str(tr.bag_weight),
         "--embed_dim", str(embed_dim),
-        *get_mil_model(tr.model_type).clam_args,
+        *model_args,
     ]  # fmt: skip
     args += ["--early_stopping"] if tr.early_stopping else []
     args += ["--weighted_sample"] if tr.weighted_sample else []

@@ -56,11 +56,6 @@ def list_encoders() -> dict[str, str]:
     return {name: desc for name, (_, desc) in sorted(_REGISTRY.items())}
 
 
-def is_registered(name: str) -> bool:
-    _builtins()
-    return name in _REGISTRY
-
-
 def _seeded(init_seed: int | None):
     """Deterministic random init for pretrained=False, without disturbing the global RNG."""
     return torch.random.fork_rng(devices=[]) if init_seed is not None else contextlib.nullcontext()
