@@ -6,8 +6,9 @@ single process and every helper here degrades to a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +46,17 @@ def init_distributed(device: str = "cpu") -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+@contextlib.contextmanager
+def distributed_run(device: str) -> Iterator[tuple[str, DistInfo]]:
+    """The block runs in torchrun's process group (if launched by torchrun), and leaves it:
+    yields (this rank's device, DistInfo)."""
+    info = init_distributed(device)
+    try:
+        yield rank_device(device, info), info
+    finally:
+        cleanup(info)
 
 
 def rank_device(device: str, info: DistInfo) -> str:

@@ -16,15 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .clam import formats
-from .distributed import (
-    DistInfo,
-    barrier,
-    cleanup,
-    gather_objects,
-    init_distributed,
-    rank_device,
-    shard,
-)
+from .distributed import DistInfo, barrier, distributed_run, gather_objects, shard
 from .encoders.forward import autocast_dtype, encode_batches
 from .jobs import DONE, Outcome, run_slide_job
 from .utils import ClamMcmkdError, RunSummary, resolve_device, save_config
@@ -177,10 +169,7 @@ def extract_features(cfg: ExtractConfig) -> RunSummary:
     from .encoders import create_encoder, prepare_encoder
 
     _check_config(cfg)
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    device = rank_device(device, info)
-    try:
+    with distributed_run(resolve_device(cfg.device)) as (device, info):
         feat_dir = Path(cfg.feat_dir)
         slide_ids = slide_ids_for(cfg)
         if info.is_main:
@@ -210,5 +199,3 @@ def extract_features(cfg: ExtractConfig) -> RunSummary:
         if info.is_main:
             summary.write(feat_dir / SUMMARY_NAME)
         return summary
-    finally:
-        cleanup(info)

@@ -21,15 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..distributed import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    cleanup,
-    init_distributed,
-    rank_device,
-    shard,
-)
+from ..distributed import DistInfo, all_reduce_sum, barrier, distributed_run, shard
 from ..encoders import create_encoder
 from ..encoders.forward import prepare_encoder
 from ..utils import progress, resolve_device
@@ -100,10 +92,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     A run stopped by ``stop_after_steps`` returns the path of its resume state instead.
     """
     validate_config(cfg)
-    device = resolve_device(cfg.device)
-    info = init_distributed(device)
-    device = rank_device(device, info)
-    try:
+    with distributed_run(resolve_device(cfg.device)) as (device, info):
         paths = output_paths(cfg.out)
         plan = plan_windows(cfg)
         log.info("finetune: %s", plan.summary.line())
@@ -113,8 +102,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if not train_steps(cfg, run, prog, paths, device, info):
             return paths["state"]
         return write_outputs(cfg, plan, targets, run, prog, paths, device, info)
-    finally:
-        cleanup(info)
 
 
 def teacher_targets(

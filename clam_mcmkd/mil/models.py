@@ -80,37 +80,35 @@ def build_model(
     )
 
 
-@register_mil_model(
-    "abmil",
-    "CLAM-SB trained without instance clustering (CLAM's --no_inst_cluster)",
-    instance_loss=False,
-    clam_args=("--model_type", "clam_sb", "--no_inst_cluster"),
-)
-def _abmil(**kwargs):
-    from .nets import ClamSB  # same module as clam_sb: CLAM's eval.py reads its checkpoints
-
-    return ClamSB(**kwargs)
-
-
-@register_mil_model(
-    "clam_sb",
-    "single-branch CLAM: gated attention pooling + instance clustering",
-    instance_loss=True,
-    clam_args=("--model_type", "clam_sb"),
-)
 def _clam_sb(**kwargs):
     from .nets import ClamSB
 
     return ClamSB(**kwargs)
 
 
-@register_mil_model(
-    "clam_mb",
-    "multi-branch CLAM: one attention branch and bag classifier per class",
-    instance_loss=True,
-    clam_args=("--model_type", "clam_mb"),
-)
 def _clam_mb(**kwargs):
     from .nets import ClamMB
 
     return ClamMB(**kwargs)
+
+
+# abmil is CLAM-SB's module trained without its instance loss, so CLAM's eval.py
+# (--model_type clam_sb) reads its checkpoints.
+register_mil_model(
+    "abmil",
+    "CLAM-SB trained without instance clustering (CLAM's --no_inst_cluster)",
+    instance_loss=False,
+    clam_args=("--model_type", "clam_sb", "--no_inst_cluster"),
+)(_clam_sb)
+register_mil_model(
+    "clam_sb",
+    "single-branch CLAM: gated attention pooling + instance clustering",
+    instance_loss=True,
+    clam_args=("--model_type", "clam_sb"),
+)(_clam_sb)
+register_mil_model(
+    "clam_mb",
+    "multi-branch CLAM: one attention branch and bag classifier per class",
+    instance_loss=True,
+    clam_args=("--model_type", "clam_mb"),
+)(_clam_mb)
