@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from clam_mcmkd.clam import formats as clam_io
+from clam_mcmkd.clam import formats
 from clam_mcmkd.encoders import PatchTransforms, create_encoder
 from clam_mcmkd.encoders.forward import encode_batch, prepare_encoder
 from clam_mcmkd.patch_loader import PatchReader, _tiff_pages, iter_patch_batches
@@ -76,7 +76,7 @@ def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
 
-def bench_decode(slide, coords: clam_io.CoordsH5) -> float:
+def bench_decode(slide, coords: formats.CoordsH5) -> float:
     import openslide
 
     wsi = openslide.OpenSlide(str(slide))
@@ -87,7 +87,7 @@ def bench_decode(slide, coords: clam_io.CoordsH5) -> float:
     return rate(len(coords), time.perf_counter() - t0)
 
 
-def bench_tiles(slide, coords: clam_io.CoordsH5) -> tuple[float, int]:
+def bench_tiles(slide, coords: formats.CoordsH5) -> tuple[float, int]:
     """Raw JPEG decode of the distinct tiles the patches cover: tiles/s and patches/s."""
     reader = PatchReader(slide, coords.patch_level, coords.patch_size)
     if not reader.is_fast:
@@ -190,12 +190,12 @@ def main(argv=None) -> int:
         slide, coords_h5 = Path(args.slide), Path(args.coords_h5)
     else:
         parser.error("give SLIDE COORDS_H5, or --make-slide DIR")
-    coords = clam_io.read_coords_h5(coords_h5)
+    coords = formats.read_coords_h5(coords_h5)
     rewrite = bool(args.max_patches or args.shift)
     if rewrite:
         coords.coords = coords.coords[: args.max_patches or None] + args.shift
         coords_h5 = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_coords_{os.getpid()}.h5"
-        clam_io.write_coords_h5(
+        formats.write_coords_h5(
             coords_h5,
             coords.coords,
             patch_size=coords.patch_size,

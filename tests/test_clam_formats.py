@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clam_mcmkd.clam import formats as clam_io
+from clam_mcmkd.clam import formats
 from clam_mcmkd.clam.formats import ClamFormatError
 
 
@@ -17,7 +17,7 @@ def _coords(n=7, seed=0):
 
 
 def _write_coords(path, coords):
-    return clam_io.write_coords_h5(
+    return formats.write_coords_h5(
         path,
         coords,
         patch_size=256,
@@ -49,7 +49,7 @@ def test_coords_h5_round_trip_in_clam_layout(tmp_path):
         assert set(dset.attrs) >= {"downsample", "downsampled_level_dim", "level_dim", "name",
                                    "save_path"}  # fmt: skip
         np.testing.assert_array_equal(dset[:], coords)
-    h5 = clam_io.read_coords_h5(path)
+    h5 = formats.read_coords_h5(path)
     np.testing.assert_array_equal(h5.coords, coords)
     assert h5.coords.dtype == np.int64
     assert (h5.patch_size, h5.patch_level, h5.patch_size_level0) == (256, 1, 512)
@@ -67,7 +67,7 @@ def test_coords_h5_written_by_clam_itself_is_read(tmp_path):
         dset.attrs.update(patch_size=256, patch_level=0, downsample=np.array([1.0, 1.0]),
                           downsampled_level_dim=np.array([2220, 2967]),
                           level_dim=np.array([2220, 2967]), name="CMU", save_path="x")  # fmt: skip
-    h5 = clam_io.read_coords_h5(path)
+    h5 = formats.read_coords_h5(path)
     assert h5.patch_size_level0 == 256 and h5.name == "CMU"
 
 
@@ -96,7 +96,7 @@ def test_broken_coords_h5_errors_name_the_file(tmp_path, case, message):
                 if case != "no_attrs":
                     dset.attrs.update(patch_size=256, patch_level=0)
     with pytest.raises(ClamFormatError) as err:
-        clam_io.read_coords_h5(path)
+        formats.read_coords_h5(path)
     assert str(path) in str(err.value) and message in str(err.value)
 
 
@@ -106,31 +106,31 @@ def test_broken_coords_h5_errors_name_the_file(tmp_path, case, message):
 def test_features_round_trip_h5_and_pt(tmp_path):
     feats = np.random.default_rng(1).normal(size=(7, 16)).astype(np.float32)
     coords = _coords()
-    h5_path, pt_path = clam_io.write_features(tmp_path, "slide_a", feats, coords)
-    assert (h5_path, pt_path) == clam_io.feature_paths(tmp_path, "slide_a")
-    assert clam_io.features_done(tmp_path, "slide_a")
-    assert not clam_io.features_done(tmp_path, "slide_b")
+    h5_path, pt_path = formats.write_features(tmp_path, "slide_a", feats, coords)
+    assert (h5_path, pt_path) == formats.feature_paths(tmp_path, "slide_a")
+    assert formats.features_done(tmp_path, "slide_a")
+    assert not formats.features_done(tmp_path, "slide_b")
     # CLAM's readers: torch.load(pt) and h5py features/coords
     np.testing.assert_array_equal(torch.load(pt_path).numpy(), feats)
     with h5py.File(h5_path, "r") as f:
         np.testing.assert_array_equal(f["features"][:], feats)
         np.testing.assert_array_equal(f["coords"][:], coords)
         assert f["features"].dtype == np.float32 and f["coords"].dtype == np.int32  # as CLAM
-    np.testing.assert_array_equal(clam_io.read_features(tmp_path, "slide_a"), feats)
-    got, got_coords = clam_io.read_features(tmp_path, "slide_a", with_coords=True)
+    np.testing.assert_array_equal(formats.read_features(tmp_path, "slide_a"), feats)
+    got, got_coords = formats.read_features(tmp_path, "slide_a", with_coords=True)
     np.testing.assert_array_equal(got, feats)
     np.testing.assert_array_equal(got_coords, coords)
-    np.testing.assert_array_equal(clam_io.read_features(h5_path), feats)
+    np.testing.assert_array_equal(formats.read_features(h5_path), feats)
     assert _no_temp_files(tmp_path)
 
 
 def test_features_write_rejects_nan_and_mismatched_rows(tmp_path):
     feats = np.ones((3, 4), np.float32)
     with pytest.raises(ClamFormatError, match="row for row"):
-        clam_io.write_features(tmp_path, "s", feats, _coords(4))
+        formats.write_features(tmp_path, "s", feats, _coords(4))
     feats[1, 2] = np.nan
     with pytest.raises(ClamFormatError, match="NaN"):
-        clam_io.write_features(tmp_path, "s", feats, _coords(3))
+        formats.write_features(tmp_path, "s", feats, _coords(3))
     assert not (tmp_path / "h5_files" / "s.h5").exists()
     assert _no_temp_files(tmp_path)
 
@@ -159,7 +159,7 @@ def test_broken_feature_h5_errors_name_the_file(tmp_path, case, message):
             n_coords = {"rows": 2, "empty": 0}.get(case, 3)
             f.create_dataset("coords", data=np.zeros((n_coords, 2)))
     with pytest.raises(ClamFormatError) as err:
-        clam_io.read_features(path)
+        formats.read_features(path)
     assert str(path) in str(err.value) and message in str(err.value)
 
 
@@ -167,16 +167,16 @@ def test_broken_pt_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("not torch")
     with pytest.raises(ClamFormatError, match="not a readable torch file") as err:
-        clam_io.read_features(bad)
+        formats.read_features(bad)
     assert str(bad) in str(err.value)
     not_tensor = tmp_path / "dict.pt"
     torch.save({"a": 1}, not_tensor)
     with pytest.raises(ClamFormatError, match="expected a tensor"):
-        clam_io.read_features(not_tensor)
+        formats.read_features(not_tensor)
     nan = tmp_path / "nan.pt"
     torch.save(torch.tensor([[float("nan"), 1.0]]), nan)
     with pytest.raises(ClamFormatError, match="NaN"):
-        clam_io.read_features(nan)
+        formats.read_features(nan)
 
 
 # --------------------------------------------------------------------------- dataset CSV
@@ -188,17 +188,17 @@ def test_dataset_csv_round_trip_and_extensions(tmp_path):
         {"case_id": "p1", "slide_id": "b", "label": "tumor"},
         {"case_id": "p2", "slide_id": "c.tif", "label": "normal"},
     ]
-    path = clam_io.write_dataset_csv(tmp_path / "data.csv", rows)
+    path = formats.write_dataset_csv(tmp_path / "data.csv", rows)
     raw = pd.read_csv(path)  # what CLAM's Generic_WSI_Classification_Dataset reads
     assert list(raw.columns[:3]) == ["case_id", "slide_id", "label"]
-    df = clam_io.read_dataset_csv(path, label_dict={"normal": 0, "tumor": 1})
+    df = formats.read_dataset_csv(path, label_dict={"normal": 0, "tumor": 1})
     assert list(df["slide_id"]) == ["a", "b", "c"]
     assert list(df["label_index"]) == [1, 1, 0]
-    assert clam_io.default_label_dict(df["label"]) == {"normal": 0, "tumor": 1}
-    assert clam_io.slide_id_of("dir/x.ndpi") == "x" and clam_io.slide_id_of("x.v2.svs") == "x.v2"
+    assert formats.default_label_dict(df["label"]) == {"normal": 0, "tumor": 1}
+    assert formats.slide_id_of("dir/x.ndpi") == "x" and formats.slide_id_of("x.v2.svs") == "x.v2"
     # no case_id column: one case per slide
     (tmp_path / "nocase.csv").write_text("slide_id,label\na,tumor\nb,normal\n")
-    df2 = clam_io.read_dataset_csv(tmp_path / "nocase.csv")
+    df2 = formats.read_dataset_csv(tmp_path / "nocase.csv")
     assert list(df2["case_id"]) == ["a", "b"]
     assert _no_temp_files(tmp_path)
 
@@ -218,15 +218,15 @@ def test_broken_dataset_csv_errors_name_the_file(tmp_path, text, message, kwargs
     path = tmp_path / "data.csv"
     path.write_text(text)
     with pytest.raises(ClamFormatError) as err:
-        clam_io.read_dataset_csv(path, **kwargs)
+        formats.read_dataset_csv(path, **kwargs)
     assert str(path) in str(err.value) and message in str(err.value)
     with pytest.raises(ClamFormatError, match="does not exist"):
-        clam_io.read_dataset_csv(tmp_path / "missing.csv")
+        formats.read_dataset_csv(tmp_path / "missing.csv")
 
 
 def test_write_dataset_csv_needs_columns(tmp_path):
     with pytest.raises(ValueError, match="label"):
-        clam_io.write_dataset_csv(tmp_path / "d.csv", [{"case_id": "p", "slide_id": "a"}])
+        formats.write_dataset_csv(tmp_path / "d.csv", [{"case_id": "p", "slide_id": "a"}])
     assert not (tmp_path / "d.csv").exists()
 
 
@@ -237,7 +237,7 @@ def test_splits_round_trip_in_clam_conventions(tmp_path):
     splits = {"train": ["a", "b", "c", "d"], "val": ["e"], "test": ["f", "g"]}
     labels = dict(zip("abcdefg", ["tumor", "normal"] * 3 + ["tumor"], strict=True))
     label_dict = {"normal": 0, "tumor": 1}
-    main_p, bool_p, desc_p = clam_io.write_splits(tmp_path, 3, splits, labels, label_dict)
+    main_p, bool_p, desc_p = formats.write_splits(tmp_path, 3, splits, labels, label_dict)
     assert main_p.name == "splits_3.csv" and bool_p.name == "splits_3_bool.csv"
     # CLAM's return_splits: pd.read_csv(csv_path) then df[split].dropna()
     df = pd.read_csv(main_p)
@@ -249,7 +249,7 @@ def test_splits_round_trip_in_clam_conventions(tmp_path):
     assert bools.loc["e", "val"] and not bools.loc["e", "train"]
     desc = pd.read_csv(desc_p, index_col=0)
     assert desc.loc["tumor", "train"] == 2 and desc.loc["normal", "test"] == 1
-    assert clam_io.read_splits(tmp_path, 3) == splits
+    assert formats.read_splits(tmp_path, 3) == splits
     assert _no_temp_files(tmp_path)
 
 
@@ -257,13 +257,13 @@ def test_broken_splits_errors_name_the_file(tmp_path):
     path = tmp_path / "splits_0.csv"
     path.write_text(",train,val\n0,a,b\n")
     with pytest.raises(ClamFormatError, match="missing split column") as err:
-        clam_io.read_splits(tmp_path, 0)
+        formats.read_splits(tmp_path, 0)
     assert str(path) in str(err.value)
     path.write_text(",train,val,test\n0,a,b,a\n")
     with pytest.raises(ClamFormatError, match="both 'train' and 'test'"):
-        clam_io.read_splits(tmp_path, 0)
+        formats.read_splits(tmp_path, 0)
     with pytest.raises(ClamFormatError, match="does not exist"):
-        clam_io.read_splits(tmp_path, 9)
+        formats.read_splits(tmp_path, 9)
 
 
 # --------------------------------------------------------------------------- results
@@ -274,17 +274,17 @@ def test_summary_and_pkl_round_trip(tmp_path):
         {"folds": k, "test_auc": 0.8 + k / 100, "val_auc": 0.7, "test_acc": 0.75, "val_acc": 0.7}
         for k in range(3)
     ]
-    path = clam_io.write_summary(tmp_path, rows)
-    df = clam_io.read_summary(path)
+    path = formats.write_summary(tmp_path, rows)
+    df = formats.read_summary(path)
     assert df["folds"].tolist() == [0, 1, 2]
     assert df["test_auc"].tolist() == pytest.approx([0.8, 0.81, 0.82])
     assert pd.read_csv(path).columns[0] == "Unnamed: 0"  # pandas index kept, as CLAM writes it
     (tmp_path / "bad.csv").write_text("folds,test_auc\n0,0.5\n")
     with pytest.raises(ClamFormatError, match="missing column"):
-        clam_io.read_summary(tmp_path / "bad.csv")
+        formats.read_summary(tmp_path / "bad.csv")
     obj = {"slide_a": {"prob": np.array([0.2, 0.8]), "label": 1}}
-    pkl = clam_io.write_pkl(tmp_path / "split_0_results.pkl", obj)
-    back = clam_io.read_pkl(pkl)
+    pkl = formats.write_pkl(tmp_path / "split_0_results.pkl", obj)
+    back = formats.read_pkl(pkl)
     np.testing.assert_array_equal(back["slide_a"]["prob"], obj["slide_a"]["prob"])
     assert _no_temp_files(tmp_path)
 
@@ -292,10 +292,10 @@ def test_summary_and_pkl_round_trip(tmp_path):
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
     path = _write_coords(tmp_path / "a.h5", _coords(3))
     with pytest.raises(TypeError):
-        clam_io.write_coords_h5(
+        formats.write_coords_h5(
             path, _coords(5), patch_size=256, patch_level=0, downsample=(1, 1),
             downsampled_level_dim=(1, 1), level_dim=(1, 1), name="a",
             extra_attrs={"bad": object()},
         )  # fmt: skip
-    assert len(clam_io.read_coords_h5(path)) == 3  # the old, complete file is intact
+    assert len(formats.read_coords_h5(path)) == 3  # the old, complete file is intact
     assert _no_temp_files(tmp_path)

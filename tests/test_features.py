@@ -17,7 +17,7 @@ import tifffile
 import torch
 from click.testing import CliRunner
 
-from clam_mcmkd.clam import formats as clam_io
+from clam_mcmkd.clam import formats
 from clam_mcmkd.cli import main
 from clam_mcmkd.encoders import create_encoder
 from clam_mcmkd.features import SUMMARY_NAME, ExtractConfig, extract_features
@@ -57,7 +57,7 @@ def write_pyramid_tiff(
 def write_coords(path: Path, slide: Path, coords, patch_size: int, patch_level: int = 0) -> Path:
     osr = openslide.OpenSlide(str(slide))
     ds = osr.level_downsamples[patch_level]
-    return clam_io.write_coords_h5(
+    return formats.write_coords_h5(
         path,
         np.asarray(coords),
         patch_size=patch_size,
@@ -139,7 +139,7 @@ def test_loader_falls_back_to_openslide(tmp_path):
 
 
 def test_batches_in_coords_order_with_workers(cmu_slide):
-    coords = clam_io.CoordsH5(
+    coords = formats.CoordsH5(
         coords=np.array([[x, y] for y in range(0, 2900, 400) for x in range(0, 2200, 300)])[:23],
         patch_size=128,
         patch_level=0,
@@ -214,7 +214,7 @@ def test_resnet50_trunc_features_match_clams_chain(cmu_slide, tmp_path):
     )
     summary = extract_features(cfg)
     assert summary.done == ["cmu"]
-    ours, our_coords = clam_io.read_features(cfg.feat_dir, "cmu", with_coords=True)
+    ours, our_coords = formats.read_features(cfg.feat_dir, "cmu", with_coords=True)
     np.testing.assert_array_equal(our_coords, coords)
     ref = _clam_reference_features(slide_dir / "cmu.svs", coords, 256)
     assert ours.shape == ref.shape == (6, 1024)
@@ -242,7 +242,7 @@ def tiny_cohort(tmp_path_factory):
         grid = np.array([[x, y] for y in range(0, h - 64, 90) for x in range(0, w - 64, 110)])
         write_coords(patches / f"{sid}.h5", slide, grid[: 7 + 2 * i], 96)
         rows.append({"case_id": f"c{i}", "slide_id": f"{sid}.tif", "label": "normal"})
-    clam_io.write_dataset_csv(root / "dataset.csv", rows)
+    formats.write_dataset_csv(root / "dataset.csv", rows)
     return root
 
 
@@ -263,7 +263,7 @@ def _cli_args(root: Path, feat_dir: Path, *extra: str) -> list[str]:
 
 
 def _features(feat_dir: Path, ids=("s0", "s1", "s2", "s3")) -> dict[str, np.ndarray]:
-    return {sid: clam_io.read_features(feat_dir, sid) for sid in ids}
+    return {sid: formats.read_features(feat_dir, sid) for sid in ids}
 
 
 def test_extract_features_cli_outputs_resume_and_invariance(tiny_cohort, tmp_path):
@@ -275,7 +275,7 @@ def test_extract_features_cli_outputs_resume_and_invariance(tiny_cohort, tmp_pat
         sid = f"s{i}"
         with h5py.File(feat_dir / "h5_files" / f"{sid}.h5") as f:
             feats, coords = f["features"][:], f["coords"][:]
-        expected = clam_io.read_coords_h5(tiny_cohort / "coords" / "patches" / f"{sid}.h5")
+        expected = formats.read_coords_h5(tiny_cohort / "coords" / "patches" / f"{sid}.h5")
         np.testing.assert_array_equal(coords, expected.coords)  # coords order kept
         assert feats.shape == (len(expected.coords), 256) and feats.dtype == np.float32
         pt = torch.load(feat_dir / "pt_files" / f"{sid}.pt", weights_only=True)

@@ -1,6 +1,6 @@
 """ABMIL / CLAM training on synthetic bags whose label is "contains positive instances".
 
-Real CLAM-format files throughout: features written as pt + h5 with clam_io.write_features,
+Real CLAM-format files throughout: features written as pt + h5 with formats.write_features,
 splits as CSVs, results read back the way CLAM's own scripts read them.
 """
 
@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
-from clam_mcmkd.clam import formats as clam_io
+from clam_mcmkd.clam import formats
 from clam_mcmkd.cli import main
 from clam_mcmkd.mil import (
     EarlyStopping,
@@ -63,7 +63,7 @@ def cohort(tmp_path_factory):
         feats[pos] += 1.5
         positives[slide_id] = np.asarray(pos, dtype=int)
         coords = np.stack([np.arange(n) * 256, np.zeros(n)], axis=1)
-        clam_io.write_features(root / "feats", slide_id, feats, coords)
+        formats.write_features(root / "feats", slide_id, feats, coords)
         rows.append(
             {
                 "case_id": f"case_{i:03d}",
@@ -71,7 +71,7 @@ def cohort(tmp_path_factory):
                 "label": "tumor" if tumour else "normal",
             }
         )
-    csv = clam_io.write_dataset_csv(root / "dataset.csv", rows)
+    csv = formats.write_dataset_csv(root / "dataset.csv", rows)
     make_splits(SplitConfig(str(csv), str(root / "splits"), k=2, val_frac=0.2, test_frac=0.3))
     return {"root": root, "csv": csv, "feats": root / "feats", "splits": root / "splits",
             "positives": positives}  # fmt: skip
@@ -113,7 +113,7 @@ def test_learns_bag_label_and_writes_clam_layout(trained, model_type):
     assert summary["folds"].tolist() == [0, 1]
     assert (summary["test_auc"] >= 0.95).all(), summary
     for fold in (0, 1):
-        split = clam_io.read_splits(cfg.split_dir, fold)
+        split = formats.read_splits(cfg.split_dir, fold)
         with open(run_dir / f"split_{fold}_results.pkl", "rb") as f:
             results = pickle.load(f)
         assert set(results) == set(split["test"])
@@ -127,7 +127,7 @@ def test_learns_bag_label_and_writes_clam_layout(trained, model_type):
         assert auc == pytest.approx(summary.loc[fold, "test_auc"])
         assert (preds["label"] == np.where(preds["Y"] == 1, "tumor", "normal")).all()
         # CLAM's train writes the fold's split next to the results
-        written = clam_io.read_splits(run_dir, fold)
+        written = formats.read_splits(run_dir, fold)
         assert {k: sorted(v) for k, v in written.items()} == {
             k: sorted(v) for k, v in split.items()
         }
@@ -145,14 +145,14 @@ def test_attention_ranks_positive_instances_first(cohort, trained, model_type):
     load_weights(model, cfg.run_dir / "s_0_checkpoint.pt")
     tumour_bags = [
         s
-        for s in clam_io.read_splits(cfg.split_dir, 0)["test"]
+        for s in formats.read_splits(cfg.split_dir, 0)["test"]
         if s.endswith(("1", "3", "5", "7", "9"))
     ]
     assert tumour_bags
     hits = total = 0
     for slide_id in tumour_bags:
         pos = cohort["positives"][slide_id]
-        scores = attention_scores(model, clam_io.read_features(cohort["feats"], slide_id))
+        scores = attention_scores(model, formats.read_features(cohort["feats"], slide_id))
         top = np.argsort(-scores)[: len(pos)]
         hits += len(set(top) & set(pos))
         total += len(pos)
@@ -181,7 +181,7 @@ def test_eval_reproduces_train_and_runs_on_any_csv(cohort, trained, tmp_path):
         json.loads((tmp_path / "eval" / "eval_config.json").read_text())["model_type"] == "clam_sb"
     )
 
-    subset = clam_io.read_dataset_csv(cohort["csv"]).iloc[:12]
+    subset = formats.read_dataset_csv(cohort["csv"]).iloc[:12]
     subset.to_csv(tmp_path / "some.csv", index=False)
     out = evaluate(
         EvalConfig(
@@ -215,7 +215,7 @@ def test_resume_skips_finished_folds(cohort, trained):
 def test_clam_mb_weighted_svm_and_clam_written_splits(cohort, tmp_path):
     """CLAM-MB with smooth-SVM bag loss, weighted sampling and early stopping, on a split CSV
     written by hand in CLAM's exact format (unnamed index column, ragged columns)."""
-    df = clam_io.read_dataset_csv(cohort["csv"])
+    df = formats.read_dataset_csv(cohort["csv"])
     ids = df["slide_id"].tolist()
     train_ids, val_ids, test_ids = ids[:24], ids[24:30], ids[30:]
     split_dir = tmp_path / "clam_splits"
@@ -232,7 +232,7 @@ def test_clam_mb_weighted_svm_and_clam_written_splits(cohort, tmp_path):
     )  # fmt: skip
     summary = pd.read_csv(train(cfg))
     assert summary["test_auc"].iloc[0] >= 0.9
-    assert clam_io.read_splits(cfg.run_dir, 0) == {
+    assert formats.read_splits(cfg.run_dir, 0) == {
         "train": train_ids,
         "val": val_ids,
         "test": test_ids,
@@ -271,7 +271,7 @@ def test_cli_train_and_eval(cohort, tmp_path):
 @pytest.fixture
 def small(cohort, tmp_path):
     """A private copy of 12 slides' features + a dataset CSV + a 1-fold split to break."""
-    df = clam_io.read_dataset_csv(cohort["csv"]).iloc[:12]
+    df = formats.read_dataset_csv(cohort["csv"]).iloc[:12]
     feats = tmp_path / "feats"
     for sub in ("pt_files", "h5_files"):
         (feats / sub).mkdir(parents=True)
@@ -280,7 +280,7 @@ def small(cohort, tmp_path):
             shutil.copy(cohort["feats"] / sub / f"{s}.{ext}", feats / sub / f"{s}.{ext}")
     df.to_csv(tmp_path / "data.csv", index=False)
     ids = df["slide_id"].tolist()
-    clam_io.write_splits(
+    formats.write_splits(
         tmp_path / "splits", 0, {"train": ids[:8], "val": ids[8:10], "test": ids[10:]},
         dict(zip(df["slide_id"], df["label"])), {"normal": 0, "tumor": 1},
     )  # fmt: skip
@@ -315,7 +315,7 @@ def test_error_label_missing_from_label_dict(small):
 
 def test_error_feature_widths_differ(small):
     cfg, ids, feats, _ = small
-    clam_io.write_features(feats, ids[5], np.zeros((10, DIM + 3), np.float32), np.zeros((10, 2)))
+    formats.write_features(feats, ids[5], np.zeros((10, DIM + 3), np.float32), np.zeros((10, 2)))
     with pytest.raises(MilDataError, match=f"widths differ.*{DIM + 3}"):
         train(cfg)
 
@@ -323,7 +323,7 @@ def test_error_feature_widths_differ(small):
 def test_error_empty_bag(small):
     cfg, ids, feats, _ = small
     torch.save(torch.zeros(0, DIM), feats / "pt_files" / f"{ids[2]}.pt")
-    with pytest.raises(clam_io.ClamFormatError, match=f"{ids[2]}.pt.*empty bag"):
+    with pytest.raises(formats.ClamFormatError, match=f"{ids[2]}.pt.*empty bag"):
         train(cfg)
 
 
@@ -332,7 +332,7 @@ def test_error_nan_features(small):
     bad = torch.randn(20, DIM)
     bad[3, 4] = float("nan")
     torch.save(bad, feats / "pt_files" / f"{ids[9]}.pt")
-    with pytest.raises(clam_io.ClamFormatError, match=f"{ids[9]}.pt.*NaN"):
+    with pytest.raises(formats.ClamFormatError, match=f"{ids[9]}.pt.*NaN"):
         train(cfg)
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from clam_mcmkd.clam import formats as clam_io
+from clam_mcmkd.clam import formats
 from clam_mcmkd.cli import main
 from clam_mcmkd.splits import SplitConfig, SplitError, make_splits
 
@@ -24,7 +24,7 @@ def _golden_cohort(path):
         label = "tumor" if c % 3 == 0 else "normal"
         for j in range(1 + (c % 4 == 1)):
             rows.append({"case_id": f"c{c:02d}", "slide_id": f"c{c:02d}_{j}", "label": label})
-    return clam_io.write_dataset_csv(path, rows)
+    return formats.write_dataset_csv(path, rows)
 
 
 def _cohort(path, n_cases=60, seed=0, labels=("a", "b", "c")):
@@ -35,11 +35,11 @@ def _cohort(path, n_cases=60, seed=0, labels=("a", "b", "c")):
         label = labels[0] if c % 2 else labels[1 + (c % 4 == 0)]
         for j in range(int(rng.integers(1, 4))):
             rows.append({"case_id": f"case{c}", "slide_id": f"case{c}_s{j}", "label": label})
-    return clam_io.write_dataset_csv(path, rows)
+    return formats.write_dataset_csv(path, rows)
 
 
 def _all_folds(split_dir, k):
-    return [clam_io.read_splits(split_dir, i) for i in range(k)]
+    return [formats.read_splits(split_dir, i) for i in range(k)]
 
 
 # CLAM's own output for _golden_cohort: its create_splits_seq.py logic (Generic_WSI_Classification
@@ -91,7 +91,7 @@ def test_same_files_as_clam_create_splits(tmp_path):
 
 def test_disjoint_stratified_complete(tmp_path):
     csv = _cohort(tmp_path / "data.csv")
-    df = clam_io.read_dataset_csv(csv)
+    df = formats.read_dataset_csv(csv)
     cfg = SplitConfig(csv_path=str(csv), split_dir=str(tmp_path / "s"), k=5, seed=3)
     paths = make_splits(cfg)
     assert len(paths) == 5
@@ -106,7 +106,7 @@ def test_disjoint_stratified_complete(tmp_path):
             counts = pd.Series([label_of[s] for s in split[key]]).value_counts()
             for cls, n in per_class.items():
                 assert counts.get(cls, 0) == round(n * 0.1), (i, key, cls)
-        desc = pd.read_csv(clam_io.split_paths(cfg.split_dir, i)[2], index_col=0)
+        desc = pd.read_csv(formats.split_paths(cfg.split_dir, i)[2], index_col=0)
         assert list(desc.index) == ["a", "b", "c"]
         for key in KEYS:
             expected = pd.Series([label_of[s] for s in split[key]]).value_counts()
@@ -119,7 +119,7 @@ def test_disjoint_stratified_complete(tmp_path):
 
 def test_patient_strat_keeps_cases_together(tmp_path):
     csv = _cohort(tmp_path / "data.csv", seed=1)
-    df = clam_io.read_dataset_csv(csv)
+    df = formats.read_dataset_csv(csv)
     case_of = dict(zip(df["slide_id"], df["case_id"]))
     assert df["case_id"].value_counts().max() > 1
     cfg = SplitConfig(
@@ -135,7 +135,7 @@ def test_patient_strat_keeps_cases_together(tmp_path):
 
 def test_seeded_and_label_frac(tmp_path):
     csv = _cohort(tmp_path / "data.csv")
-    df = clam_io.read_dataset_csv(csv)
+    df = formats.read_dataset_csv(csv)
     runs = {}
     for name, seed, frac in (("a", 7, 1.0), ("b", 7, 1.0), ("c", 8, 1.0), ("d", 7, 0.5)):
         cfg = SplitConfig(str(csv), str(tmp_path / name), k=2, seed=seed, label_frac=frac)
@@ -154,7 +154,7 @@ def test_seeded_and_label_frac(tmp_path):
 
 def test_fixed_test_set_in_every_fold(tmp_path):
     csv = _cohort(tmp_path / "data.csv", n_cases=50)
-    df = clam_io.read_dataset_csv(csv)
+    df = formats.read_dataset_csv(csv)
     official = df["slide_id"].iloc[::5].tolist()
     pd.DataFrame({"slide_id": [s + ".tif" for s in official]}).to_csv(
         tmp_path / "test.csv", index=False
@@ -176,7 +176,7 @@ def test_errors_are_clear(tmp_path):
     (tmp_path / "t.csv").write_text("slide_id\nnot_a_slide\n")
     with pytest.raises(SplitError, match="not_a_slide"):
         make_splits(SplitConfig(str(csv), str(tmp_path / "s"), fixed_test=str(tmp_path / "t.csv")))
-    df = clam_io.read_dataset_csv(csv)
+    df = formats.read_dataset_csv(csv)
     multi = df["case_id"].value_counts().index[0]
     one_slide = df.loc[df["case_id"] == multi, "slide_id"].iloc[0]
     (tmp_path / "t.csv").write_text(f"slide_id\n{one_slide}\n")
@@ -189,7 +189,7 @@ def test_errors_are_clear(tmp_path):
                 fixed_test=str(tmp_path / "t.csv"),
             )  # fmt: skip
         )
-    with pytest.raises(clam_io.ClamFormatError, match="not in the label dict"):
+    with pytest.raises(formats.ClamFormatError, match="not in the label dict"):
         make_splits(SplitConfig(str(csv), str(tmp_path / "s"), label_dict={"a": 0, "b": 1}))
 
 
