@@ -28,7 +28,7 @@ from clam_mcmkd.tiling import TileConfig, tile_slides
 from clam_mcmkd.utils import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
-CMU = REPO.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+CMU = REPO / "tests" / "data" / "CMU-1-Small-Region.svs"
 
 
 @contextlib.contextmanager

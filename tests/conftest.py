@@ -1,7 +1,8 @@
-"""Shared fixtures: the real CMU slide from ../shared and small seeded synthetic data."""
+"""Shared fixtures: the real CMU slide carried in tests/data and small seeded synthetic data."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -9,15 +10,19 @@ import pytest
 
 os.environ.setdefault("CLAM_MCMKD_NO_PROGRESS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-CMU_SLIDE = REPO.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+CMU_SLIDE = Path(__file__).resolve().parent / "data" / "CMU-1-Small-Region.svs"
+# provenance, licence and checksum: tests/data/README.md
+CMU_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
 
 
 @pytest.fixture(scope="session")
 def cmu_slide() -> Path:
-    """The real 2220x2967 Aperio slide (20x, 0.499 um/px) that CI has beside the checkout."""
+    """The real 2220x2967 Aperio slide (20x, 0.499 um/px, CC0) carried in tests/data."""
     if not CMU_SLIDE.is_file():
-        pytest.fail(f"{CMU_SLIDE} is missing: CI must have ../shared beside the checkout")
+        pytest.fail(f"{CMU_SLIDE}: test slide is missing from the checkout")
+    digest = hashlib.sha256(CMU_SLIDE.read_bytes()).hexdigest()
+    if digest != CMU_SHA256:
+        pytest.fail(f"{CMU_SLIDE}: sha256 {digest[:12]}... is not the OpenSlide test slide's")
     return CMU_SLIDE
 
 
