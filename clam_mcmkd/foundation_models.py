@@ -67,23 +67,39 @@ class FoundationTransforms:
         return self.to_torchvision()(img)
 
     def batch(self, images):
-        """uint8 (N, H, W, 3) or (N, 3, H, W) -> normalised float (N, 3, S, S).
+        """uint8 (or 0-255 float) (N, H, W, 3) or (N, 3, H, W) -> normalised float (N, 3, S, S).
 
-        torchvision v2 resizes the uint8 batch at once (antialiased, within one grey level of
-        PIL's per-image chain), then crops and normalises.
+        torchvision v2 resizes the whole batch at once, antialiased, within one grey level of
+        PIL's per-image chain. A uint8 batch on the CPU takes torch's uint8 kernel; a CUDA batch
+        is resized as float (the antialiased uint8 kernels are CPU-only). Bicubic float then
+        runs PIL's two passes, width then height, rounded and clipped to 0-255 in between as
+        PIL's uint8 intermediate is: in one float pass the bicubic overshoot at sharp edges
+        reaches ~10 grey levels. Bilinear has no overshoot and needs no such step.
         """
         import torch
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
+        BICUBIC = InterpolationMode.BICUBIC
         if images.ndim != 4:
             raise ValueError(f"expected a 4-D image batch, got shape {tuple(images.shape)}")
         if images.shape[-1] == 3 and images.shape[1] != 3:
             images = images.permute(0, 3, 1, 2)
         mode = InterpolationMode(self.interpolation)
-        x = F.resize(images, [self.resize_size], interpolation=mode, antialias=True)
-        x = F.center_crop(x, [self.input_size, self.input_size])
-        x = x.float() if x.dtype == torch.uint8 else x.float() * 255.0
+        cpu_uint8 = images.dtype == torch.uint8 and images.device.type == "cpu"
+        if cpu_uint8 or mode != BICUBIC:
+            x = images if cpu_uint8 else images.float()
+            x = F.resize(x, [self.resize_size], interpolation=mode, antialias=True)
+        else:  # bicubic off the CPU: PIL's two passes with its uint8 intermediate
+            h, w = images.shape[-2:]
+            size = self.resize_size  # torchvision's Resize(int): the shorter side -> size
+            out_h, out_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+            x = images.float()
+            for shape in ((h, out_w), (out_h, out_w)):
+                if tuple(x.shape[-2:]) != shape:
+                    x = F.resize(x, list(shape), interpolation=mode, antialias=True)
+                    x = x.add_(0.5).floor_().clamp_(0.0, 255.0)  # PIL: round half up, clip
+        x = F.center_crop(x, [self.input_size, self.input_size]).float()
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x / 255.0 - mean) / std
