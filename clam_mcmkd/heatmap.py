@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,6 @@ class HeatmapConfig:
     device: str = "auto"
     no_auto_skip: bool = False  # redo slides whose blockmap h5 exists
     model_type: str | None = None  # default: the run's train_config.json
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- model + norm
@@ -119,7 +118,8 @@ def load_fold_model(cfg: HeatmapConfig, csv_labels: list[str]):
     inferred = "clam_mb" if "classifiers.0.weight" in state else "clam_sb"
     model_type = cfg.model_type or train_cfg.get("model_type") or inferred
     model = build_model(
-        model_type, n_classes=len(names), embed_dim=embed_dim, dropout=0.0,
+        model_type, n_classes=len(names), embed_dim=embed_dim,
+        dropout=float(train_cfg.get("drop_out", 0.25)),  # module layout only: eval() turns it off
         size_arg=train_cfg.get("model_size", "small"),
     )  # fmt: skip
     try:
