@@ -20,12 +20,12 @@ from clam_mcmkd.utils import ClamMcmkdError
 # Published parameter counts (model cards / papers), in millions: a wrong depth, width, MLP ratio
 # or token layout moves these by far more than the 0.5% tolerance.
 PUBLISHED_PARAMS_M = {
-    "uni_v1": 303,  # ViT-L/16
-    "uni2_h": 681,  # UNI2-h card: ViT-H/14, 681M
+    "uni_v1": 303,  # UNI: ViT-L/16, 303M
+    "uni2_h": 681,  # UNI2-h card: ViT-H/14 with 8 registers, 681M
     "virchow2": 632,  # Virchow2 paper: 632M
-    "h_optimus_0": 1134,  # ViT-g/14, 1.1B
-    "h_optimus_1": 1134,
-    "prov_gigapath": 1135,  # tile encoder, 1.13B
+    "h_optimus_0": 1130,  # card: ViT-g/14, 1.1B
+    "h_optimus_1": 1130,
+    "prov_gigapath": 1130,  # tile encoder, 1.13B
 }
 # Token sequence the cards state for a 224 px input: class + registers + patches.
 TOKENS = {"uni_v1": 197, "uni2_h": 265, "virchow2": 261, "h_optimus_0": 261, "prov_gigapath": 197}
