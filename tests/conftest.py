@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("CLAM_MCMKD_NO_PROGRESS", "1")
+# No test downloads weights: a pretrained=True build fails at once, as on a machine offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CMU_SLIDE = Path(__file__).resolve().parent / "data" / "CMU-1-Small-Region.svs"
 # provenance, licence and checksum: tests/data/README.md
@@ -49,3 +51,12 @@ def small_cohort_tiled(small_cohort, tmp_path_factory) -> Path:
     summary = tile_slides(TileConfig(source=str(small_cohort / "slides"), save_dir=str(out)))
     assert not summary.failed, summary.failed
     return out
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """The Hugging Face hub unreachable, whatever the environment says (fails in milliseconds)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -200,3 +200,61 @@ def test_flops_params_and_list_encoders():
     result = CliRunner().invoke(main, ["list-encoders"])
     assert result.exit_code == 0, result.output
     assert "resnet50_trunc" in result.output and "mcmkd_resnet50" in result.output
+
+
+# ----------------------------------------------------------------------------- library parity
+
+
+def _previous_batch(tf: PatchTransforms, images: torch.Tensor) -> torch.Tensor:
+    """PatchTransforms.batch as it was before torchvision v2 (torch's interpolate + in-place
+    normalise): the reference the one transforms class must keep to the bit."""
+    images = images.permute(0, 3, 1, 2)
+    size = tf.input_size
+    h, w = images.shape[-2:]
+    if h != size or w != size:
+        out = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        if images.dtype != torch.uint8:
+            images = images.float()
+        images = torch.nn.functional.interpolate(
+            images, size=out, mode="bilinear", antialias=True, align_corners=False
+        )
+    x = images.float() if images.dtype != torch.float32 else images.clone()
+    std = torch.tensor(tf.std).view(1, 3, 1, 1)
+    mean = torch.tensor(tf.mean).view(1, 3, 1, 1)
+    return x.mul_(1.0 / (255.0 * std)).add_(-mean / std)
+
+
+@pytest.mark.parametrize("size", [224, 256, 300, 112])
+def test_transforms_on_torchvision_v2_equal_the_previous_code(cmu_slide, size):
+    x = torch.from_numpy(_cmu_patches(cmu_slide, n=3, size=size))
+    tf = PatchTransforms(224)
+    assert torch.equal(tf.batch(x), _previous_batch(tf, x))  # uint8, on the CPU
+    assert torch.equal(tf.batch(x.float()), _previous_batch(tf, x.float()))  # the CUDA path
+    wide = torch.from_numpy(_cmu_patches(cmu_slide, n=2, size=size))[:, :, : size // 2]
+    assert torch.equal(tf.batch(wide), _previous_batch(tf, wide))  # non-square: no crop
+
+
+def test_checkpoint_layouts_through_timms_reader_and_ours(tmp_path):
+    """timm's reader adds .safetensors and compiled ('_orig_mod.') checkpoints; the layouts it
+    leaves wrapped (DINO's teacher/backbone, a 'module' key) are still unwrapped here."""
+    import safetensors.torch
+    import timm
+
+    trained = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    _perturb(trained)
+    sd = trained.state_dict()
+    layouts = {
+        "plain.pth": sd,
+        "compiled.pth": {f"_orig_mod.{k}": v for k, v in sd.items()},
+        "ema.pth": {"state_dict": sd, "state_dict_ema": {k: v * 0 for k, v in sd.items()}},
+        "dino.pth": {"teacher": {f"backbone.{k}": v for k, v in sd.items()}, "epoch": 100},
+        "wrapped.pth": {"module": sd},
+    }
+    for name, payload in layouts.items():
+        torch.save(payload, tmp_path / name)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()},
+                                tmp_path / "hub.safetensors")  # fmt: skip
+    for name in [*layouts, "hub.safetensors"]:
+        enc = create_encoder("resnet18", pretrained=False, ckpt=tmp_path / name)
+        loaded = enc.model.model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in sd.items()), name  # non-EMA weights

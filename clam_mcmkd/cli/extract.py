@@ -14,7 +14,8 @@ from .options import config_option, device_option, option, precision_option
 @click.command("extract-features")
 @option("--data-h5-dir", required=True, help="Directory with CLAM's patches/<slide_id>.h5.")
 @option("--data-slide-dir", required=True, help="Directory with the slides.")
-@config_option(ExtractConfig, "slide_ext", help="Slide file extension.")
+@config_option(ExtractConfig, "slide_ext",
+               help="Slide file extension, e.g. .svs (default: found per slide).")  # fmt: skip
 @option("--csv-path", default=None, help="CSV with a slide_id column (default: every coords h5).")
 @option("--feat-dir", required=True, help="Output: h5_files/ and pt_files/ go here.")
 @config_option(ExtractConfig, "model", "--model", "--model-name",
@@ -23,7 +24,9 @@ from .options import config_option, device_option, option, precision_option
 @option("--no-auto-skip", is_flag=True, help="Recompute slides whose features exist.")
 @config_option(ExtractConfig, "target_patch_size",
                help="Encoder input size (patches are resized to it).")  # fmt: skip
-@option("--ckpt", default=None, help="Encoder checkpoint (mcmkd_resnet50: else MCMKD_CKPT_PATH).")
+@option("--ckpt", default=None,
+        help="Encoder checkpoint; else the model's variable (MCMKD_CKPT_PATH, UNI_CKPT_PATH, "
+        "UNI2_CKPT_PATH, VIRCHOW2_CKPT_PATH, ...: see list-encoders), else its hub weights.")  # fmt: skip
 @config_option(ExtractConfig, "num_workers", help="Patch-reading processes.")
 @device_option(ExtractConfig)
 @precision_option(ExtractConfig)
@@ -44,8 +47,17 @@ def extract_features_cmd(**kw) -> None:
 
 
 @click.command("list-encoders")
-def list_encoders_cmd() -> None:
+@option("--json", "as_json", is_flag=True,
+        help="One JSON list: name, out_dim, input_size, mean, std, source, ... per encoder.")  # fmt: skip
+def list_encoders_cmd(as_json: bool) -> None:
     """Registered encoder names (any timm model name works as well)."""
+    if as_json:
+        import json
+
+        from ..encoders import describe_encoders
+
+        click.echo(json.dumps(describe_encoders(), indent=2))
+        return
     from ..encoders import list_encoders
 
     for name, desc in list_encoders().items():

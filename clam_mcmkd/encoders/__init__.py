@@ -2,7 +2,9 @@
 
 * :mod:`.registry` - ``create_encoder(name)``, ``register_encoder``, ``list_encoders``.
 * :mod:`.builders` - the built-in encoders (CLAM's ``resnet50_trunc``, ``mcmkd_resnet50``, ...).
-* :mod:`.transforms` - :class:`PatchTransforms`, CLAM's Resize -> ToTensor -> Normalize.
+* :mod:`.foundation` - pathology foundation models by name (UNI, UNI2-h, Virchow2, H-optimus,
+  Prov-GigaPath): each card's architecture, preprocessing and output rule.
+* :mod:`.transforms` - :class:`PatchTransforms`, Resize [-> CenterCrop] -> ToTensor -> Normalize.
 * :mod:`.checkpoint` - the one checkpoint loader, and the MCM-KD student checkpoint.
 * :mod:`.forward` - the one forward path (device, channels-last, precision, batching).
 
@@ -13,9 +15,19 @@ from ..utils import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(
-        ("Encoder", "EncoderError", "create_encoder", "list_encoders", "register_encoder"),
+        (
+            "Encoder",
+            "EncoderError",
+            "PretrainedWeightsError",
+            "create_encoder",
+            "describe_encoders",
+            "list_encoders",
+            "register_encoder",
+            "weights_source",
+        ),
         ".registry",
-    ),
+    ),  # fmt: skip
+    **dict.fromkeys(("FoundationModelSpec", "SPECS", "build_foundation_model"), ".foundation"),
     **dict.fromkeys(("PatchTransforms", "IMAGENET_MEAN", "IMAGENET_STD"), ".transforms"),
     **dict.fromkeys(("TimmCNNEncoder", "TimmPooledEncoder", "MCMKD_CKPT_ENV"), ".builders"),
     **dict.fromkeys(
@@ -24,6 +36,7 @@ _EXPORTS = {
             "CHECKPOINT_FORMAT",
             "load_checkpoint",
             "load_state_dict",
+            "read_state_dict",
             "read_student_checkpoint",
             "save_student_checkpoint",
         ),

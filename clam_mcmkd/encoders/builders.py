@@ -5,22 +5,33 @@
 * ``resnet18_trunc`` - the same truncation of a ResNet-18 (256-d): a CPU-sized student for tests
   and the demo.
 * ``mcmkd_resnet50`` - an MCM-KD fine-tuned student, loaded from ``ckpt=`` or ``MCMKD_CKPT_PATH``.
-* ``uni_v1`` - CLAM's UNI, from ``UNI_CKPT_PATH``, built as CLAM builds it.
 * any other name - a timm model (``hf-hub:`` names too) as a pooled feature extractor, optionally
   with weights from a local checkpoint; used for teachers.
+
+Pathology foundation models (``uni_v1``, ``uni2_h``, ``virchow2``, ...) are in :mod:`.foundation`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from torch import nn
 
 from .checkpoint import load_state_dict, read_student_checkpoint
-from .registry import Builder, Encoder, EncoderError, list_encoders, register_encoder
+from .registry import (
+    Builder,
+    Encoder,
+    EncoderError,
+    describe_built,
+    list_encoders,
+    reaching_weights,
+    register_encoder,
+)
 from .transforms import PatchTransforms
 
+log = logging.getLogger(__name__)
 MCMKD_CKPT_ENV = "MCMKD_CKPT_PATH"
 
 
@@ -45,6 +56,7 @@ class TimmCNNEncoder(nn.Module):
         )
         self.pool = nn.AdaptiveAvgPool2d(1) if pool else None
         self.out_dim = int(self.model.feature_info.channels()[-1])
+        self.output_rule = f"features{tuple(out_indices)}" + ("+avgpool" if pool else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
@@ -62,14 +74,17 @@ class TimmPooledEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.out_dim = int(model.num_features)
+        self.output_rule = "timm pooled (num_classes=0)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
 
-def _trunc_builder(timm_name: str):
+def _trunc_builder(name: str, timm_name: str):
     def build(pretrained=True, ckpt=None, target_img_size=224, **_):
-        model = TimmCNNEncoder(timm_name, pretrained=pretrained and ckpt is None)
+        download = pretrained and ckpt is None
+        with reaching_weights(name, f"timm {timm_name}", enabled=download):
+            model = TimmCNNEncoder(timm_name, pretrained=download)
         if ckpt is not None:
             load_state_dict(model, ckpt)
         return Encoder(model, PatchTransforms(target_img_size), model.out_dim)
@@ -77,56 +92,33 @@ def _trunc_builder(timm_name: str):
     return build
 
 
-register_encoder("resnet50_trunc", "CLAM's ResNet-50 truncated after layer3, 1024-d (ImageNet)")(
-    _trunc_builder("resnet50.tv_in1k")
-)
-register_encoder("resnet18_trunc", "ResNet-18 truncated after layer3, 256-d (small student)")(
-    _trunc_builder("resnet18.tv_in1k")
-)
-
-
-@register_encoder("uni_v1", "UNI ViT-L/16 from UNI_CKPT_PATH, 1024-d, as CLAM builds it")
-def _build_uni(pretrained=True, ckpt=None, target_img_size=224, **_):
-    import timm
-
-    ckpt = ckpt or os.environ.get("UNI_CKPT_PATH")
-    if pretrained and not ckpt:
-        raise EncoderError("uni_v1 needs its checkpoint: set UNI_CKPT_PATH (or pass --ckpt)")
-    model = timm.create_model(
-        "vit_large_patch16_224",
-        img_size=224,
-        patch_size=16,
-        init_values=1e-5,
-        num_classes=0,
-        dynamic_img_size=True,
-    )
-    if ckpt:  # with --no-pretrained and no checkpoint: seeded random weights, offline
-        load_state_dict(model, ckpt, strict=True)
-    return Encoder(
-        TimmPooledEncoder(model), PatchTransforms(target_img_size), int(model.num_features)
-    )
+register_encoder(
+    "resnet50_trunc", "CLAM's ResNet-50 truncated after layer3, 1024-d (ImageNet)",
+    source="timm/resnet50.tv_in1k",
+)(_trunc_builder("resnet50_trunc", "resnet50.tv_in1k"))  # fmt: skip
+register_encoder(
+    "resnet18_trunc", "ResNet-18 truncated after layer3, 256-d (small student)",
+    source="timm/resnet18.tv_in1k",
+)(_trunc_builder("resnet18_trunc", "resnet18.tv_in1k"))  # fmt: skip
 
 
 def timm_builder(name: str) -> Builder:
     def build(pretrained=True, ckpt=None, target_img_size=224, **kwargs):
         import timm
 
+        download = pretrained and ckpt is None
         try:
-            model = timm.create_model(
-                name, pretrained=pretrained and ckpt is None, num_classes=0, **kwargs
-            )
+            with reaching_weights(name, f"timm {name}", enabled=download):
+                model = timm.create_model(name, pretrained=download, num_classes=0, **kwargs)
         except RuntimeError as err:
             if "Unknown model" in str(err) or "not found" in str(err).lower():
                 raise EncoderError(
                     f"unknown encoder '{name}': not registered ({', '.join(list_encoders())}) and not a timm model"
                 ) from err
             raise
-        except Exception as err:  # noqa: BLE001 - download/network failures
-            raise EncoderError(
-                f"cannot build encoder '{name}' ({type(err).__name__}: {err})"
-            ) from err
         if ckpt is not None:
             load_state_dict(model, ckpt)
+        _warn_if_foundation_arch(name, ckpt)
         cfg = timm.data.resolve_data_config({}, model=model)
         size = int(cfg["input_size"][-1])
         transforms = PatchTransforms(size, tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -135,9 +127,25 @@ def timm_builder(name: str) -> Builder:
     return build
 
 
+def _warn_if_foundation_arch(name: str, ckpt) -> None:
+    """A foundation model's weights in its bare timm architecture get timm's default
+    preprocessing and pooling (offline: mean 0.5, 518 px for DINOv2 archs), not the card's."""
+    from .foundation import SPECS
+
+    named = [s.name for s in SPECS.values() if s.arch == name.split(".")[0]]
+    if named and ckpt is not None:
+        log.warning(
+            "%s: built with timm's default preprocessing and pooling, not a foundation model "
+            "card's; if %s holds %s weights, use that name instead", name, ckpt, " or ".join(named)
+        )  # fmt: skip
+
+
 @register_encoder(
-    "mcmkd_resnet50", "MCM-KD fine-tuned ResNet-50 trunc from --ckpt / MCMKD_CKPT_PATH"
-)
+    "mcmkd_resnet50", "MCM-KD fine-tuned ResNet-50 trunc from --ckpt / MCMKD_CKPT_PATH (the "
+    "checkpoint's input size and normalisation win; shown: the resnet50_trunc student's)",
+    ckpt_env=MCMKD_CKPT_ENV,
+    describe=lambda: describe_built("mcmkd_resnet50", "resnet50_trunc"),
+)  # fmt: skip
 def _build_mcmkd(pretrained=True, ckpt=None, target_img_size=224, **_):
     ckpt = ckpt or os.environ.get(MCMKD_CKPT_ENV)
     if not ckpt:

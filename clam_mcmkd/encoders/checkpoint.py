@@ -1,4 +1,4 @@
-"""Checkpoints: the one place a checkpoint file is ``torch.load``-ed, and the MCM-KD student's.
+"""Checkpoints: the one place checkpoint files are read, and the MCM-KD student's.
 
 :func:`load_checkpoint` reads encoder weights, MCM-KD student checkpoints, fine-tuning resume
 states and MIL fold weights alike, so a missing or unreadable file is the same one clear line
@@ -44,8 +44,9 @@ def load_checkpoint(
 
 
 def _unwrap_state_dict(state: Any) -> Any:
-    """The weights inside common checkpoint layouts ({'state_dict'|'model'|'module': ...})."""
-    for key in ("state_dict", "model", "module", "teacher"):
+    """The weights inside layouts timm's reader leaves wrapped ({'module'|'teacher': ...}: DDP
+    pickles, DINO-style self-supervised checkpoints)."""
+    for key in ("module", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             inner = state[key]
             if inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
@@ -61,13 +62,37 @@ def _strip_prefixes(state: dict[str, Any], expected: set[str]) -> dict[str, Any]
     return state
 
 
-def load_state_dict(model: nn.Module, ckpt: str | os.PathLike, strict: bool = True) -> None:
-    """Load weights from a checkpoint file in any common layout into `model`."""
-    path = Path(ckpt)
-    state = _unwrap_state_dict(load_checkpoint(path, what="torch checkpoint"))
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """The weights in a checkpoint file of any common layout, read by timm's ``load_state_dict``
+    (``.safetensors`` too; 'state_dict'/'model' keys, 'module.'/'_orig_mod.' prefixes; non-EMA
+    weights), then unwrapped from the layouts timm leaves as they are."""
+    from timm.models import load_state_dict as timm_load_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderError(f"{path}: torch checkpoint does not exist")
+    try:
+        state = timm_load_state_dict(str(path), use_ema=False, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types for bad files
+        raise EncoderError(f"{path}: not a readable torch checkpoint ({err})") from err
+    state = _unwrap_state_dict(state)
     if not isinstance(state, dict):
         raise EncoderError(f"{path}: expected a state dict, got {type(state).__name__}")
-    state = _strip_prefixes(state, set(model.state_dict()))
+    return state
+
+
+def load_state_dict(model: nn.Module, ckpt: str | os.PathLike, strict: bool = True) -> None:
+    """Load weights from a checkpoint file in any common layout into `model`.
+
+    A model built on the meta device (to read its shapes: a teacher's identity, list-encoders)
+    cannot hold weights: the file is only checked to exist, not read.
+    """
+    path = Path(ckpt)
+    if any(p.is_meta for p in model.parameters()):
+        if not path.is_file():
+            raise EncoderError(f"{path}: torch checkpoint does not exist")
+        return
+    state = _strip_prefixes(read_state_dict(path), set(model.state_dict()))
     # A classifier head in the checkpoint is fine: feature extractors are built without one.
     head = (
         getattr(model, "pretrained_cfg", {}).get("classifier")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from clam_mcmkd import encoders
-from clam_mcmkd import foundation_models as fm
-from clam_mcmkd.encoders import EncoderError
+from clam_mcmkd.encoders import EncoderError, PatchTransforms
+from clam_mcmkd.encoders import foundation as fm
 from clam_mcmkd.utils import ClamMcmkdError
 
 # Published parameter counts (model cards / papers), in millions: a wrong depth, width, MLP ratio
@@ -43,7 +43,7 @@ def test_published_architecture_width_and_tokens_on_meta(name):
     assert params_m == pytest.approx(PUBLISHED_PARAMS_M[name], rel=0.005)
     if name in TOKENS:
         assert tokens.shape[1] == TOKENS[name]
-    assert isinstance(enc.transforms, fm.FoundationTransforms)
+    assert isinstance(enc.transforms, PatchTransforms)
     assert enc.transforms.input_size == 224 and enc.transforms.mean == spec.mean
 
 
@@ -147,11 +147,7 @@ def test_checkpoint_of_another_architecture_is_one_line(tmp_path):
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_unreachable_hub_is_one_line_with_the_ways_out(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub: fail at once
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_unreachable_hub_is_one_line_with_the_ways_out(monkeypatch, hub_offline):
     monkeypatch.delenv("UNI2_CKPT_PATH", raising=False)
     with pytest.raises(ClamMcmkdError) as err:
         with torch.device("meta"):
@@ -229,10 +225,16 @@ def test_gigapath_crops_the_centre_of_a_256_patch(cmu_slide):
 
 
 def test_list_encoders_json_covers_every_name_with_its_numbers():
-    rows = fm.list_encoders_json()
-    json.dumps(rows)  # serialisable as is
+    from click.testing import CliRunner
+
+    from clam_mcmkd.cli import main
+
+    result = CliRunner().invoke(main, ["list-encoders", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
     by_name = {r["name"]: r for r in rows}
     assert set(by_name) == set(fm.SPECS) | set(encoders.list_encoders())
+    assert set(fm.SPECS) <= set(encoders.list_encoders())  # every spec is registered
     for row in rows:
         assert {"name", "out_dim", "input_size", "mean", "std", "source"} <= set(row)
         assert len(row["mean"]) == len(row["std"]) == 3 and row["source"]
@@ -242,3 +244,94 @@ def test_list_encoders_json_covers_every_name_with_its_numbers():
     assert by_name["virchow2"]["out_dim"] == 2560
     assert by_name["h_optimus_1"]["mean"] == list(fm.BIOPTIMUS_MEAN)
     assert by_name["uni_v1"]["source"].startswith("huggingface.co/MahmoodLab/UNI")
+    gigapath = by_name["prov_gigapath"]
+    assert (gigapath["resize_size"], gigapath["input_size"], gigapath["interpolation"]) == (
+        256,
+        224,
+        "bicubic",
+    )
+    assert by_name["uni2_h"]["ckpt_env"] == "UNI2_CKPT_PATH"
+    assert by_name["resnet50_trunc"]["mean"] == [0.485, 0.456, 0.406]
+
+
+# --------------------------------------------------------------------- the registry
+
+
+@pytest.mark.parametrize("name", ["uni_v1", "virchow2", "prov_gigapath"])
+def test_registry_names_and_hub_ids_build_the_spec(name):
+    spec = fm.SPECS[name]
+    with torch.device("meta"):
+        by_name = encoders.create_encoder(name, pretrained=False)
+        by_hub_id = encoders.create_encoder(spec.hub_id, pretrained=False)
+    for enc in (by_name, by_hub_id):  # a hub id never falls through to timm's defaults
+        assert isinstance(enc.model, fm.FoundationEncoder)
+        assert enc.out_dim == spec.out_dim and enc.transforms == spec.transforms()
+    assert encoders.weights_source(name, pretrained=True) == spec.hub_id
+    assert encoders.weights_source(name, pretrained=False) == "random-init(seed=0)"
+
+
+def test_uni_v1_replaces_clams_builder_without_changing_its_model(monkeypatch):
+    """The old uni_v1 builder (CLAM's kwargs, TimmPooledEncoder) and the spec give the same
+    network: same state-dict keys and shapes, same features for the same weights."""
+    import timm
+
+    torch.manual_seed(0)
+    clams = timm.create_model(
+        "vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5, num_classes=0,
+        dynamic_img_size=True, depth=2,
+    )  # fmt: skip
+    spec = dataclasses.replace(
+        fm.SPECS["uni_v1"], timm_kwargs=fm.SPECS["uni_v1"].timm_kwargs + (("depth", 2),)
+    )
+    ours = fm.build_foundation_model(spec, pretrained=False)
+    keys = {k.removeprefix("model."): v.shape for k, v in ours.model.state_dict().items()}
+    assert keys == {k: v.shape for k, v in clams.state_dict().items()}
+    ours.model.model.load_state_dict(clams.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(x), clams.eval()(x))
+    assert ours.transforms.to_torchvision is not None and ours.out_dim == 1024
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18_trunc"])
+def test_any_unreachable_pretrained_weights_are_one_line(name, hub_offline):
+    """timm names and built-ins alike (offline, timm's hub client fails deep inside)."""
+    with pytest.raises(encoders.PretrainedWeightsError) as err:
+        encoders.create_encoder(name, pretrained=True)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{name}: cannot load pretrained weights from timm")
+    assert "--no-pretrained" in msg and "--ckpt PATH" in msg
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert "--teacher-ckpt PATH" in str(err.value.for_option("--teacher-ckpt"))
+
+
+def test_extract_features_by_foundation_model_name(cmu_slide, tmp_path):
+    """`extract-features --model uni_v1`: the card's preprocessing and width, CLAM's files."""
+    from click.testing import CliRunner
+
+    from clam_mcmkd.clam.formats import read_features, write_coords_h5
+    from clam_mcmkd.cli import main
+
+    coords = np.array([[900, 1300], [1200, 1300]])
+    write_coords_h5(
+        tmp_path / "h5" / "patches" / f"{cmu_slide.stem}.h5", coords, patch_size=256,
+        patch_level=0, downsample=(1.0, 1.0), downsampled_level_dim=(2220, 2967),
+        level_dim=(2220, 2967), name=cmu_slide.stem,
+    )  # fmt: skip
+    torch.set_num_threads(2)
+    result = CliRunner().invoke(
+        main,
+        ["extract-features", "--data-h5-dir", str(tmp_path / "h5"), "--data-slide-dir",
+         str(cmu_slide.parent), "--feat-dir", str(tmp_path / "feats"), "--model", "uni_v1",
+         "--no-pretrained", "--device", "cpu", "--batch-size", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    feats, saved = read_features(tmp_path / "feats", cmu_slide.stem, with_coords=True)
+    assert feats.shape == (2, 1024) and np.isfinite(feats).all()
+    np.testing.assert_array_equal(saved, coords)
+    # the same seeded random-init UNI on the card's transforms gives these features
+    enc = encoders.create_encoder("uni_v1", pretrained=False)
+    patches = _cmu_patches(cmu_slide, n=1)
+    with torch.no_grad():
+        want = enc.model(enc.transforms.batch(torch.from_numpy(patches))).numpy()
+    np.testing.assert_allclose(feats[:1], want, rtol=1e-3, atol=1e-4)
