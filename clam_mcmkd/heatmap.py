@@ -14,24 +14,25 @@ into ``<out>/<slide_id>/``:
   of the predicted class's branch, ``coords``) plus every branch raw and as percentiles.
 
 Every file is written atomically and the h5 last: a slide whose h5 exists is done (resume).
-A slide that fails is logged and skipped; the run ends with a summary. Seconds per slide:
-the features are already extracted, so this is one forward pass and some drawing.
+Slides go through the shared per-slide job loop: one that fails is logged and skipped; the run
+ends with a summary. Seconds per slide: the features are already extracted, so this is one
+forward pass and some drawing.
+
+A stage of its own, after ``train``: it needs a MIL fold (``mil/``) and the slides
+(``slides.py``), and ``mil/`` itself works on features alone.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import clam_io
-from .utils import ClamMcmkdError, RunSummary, atomic_path, progress, resolve_device, save_config
-
-log = logging.getLogger(__name__)
+from .clam import formats
+from .jobs import DONE, run_slide_job
+from .utils import ClamMcmkdError, RunSummary, atomic_path, resolve_device, save_config
 
 CONFIG_NAME = "heatmap_config.json"
 SUMMARY_NAME = "heatmap_summary.json"
@@ -79,17 +80,12 @@ def load_feature_norm(models_dir: str | Path, fold: int):
             if mean.shape != std.shape or mean.ndim != 1 or not (std > 0).all():
                 raise HeatmapError(f"{path}: 'mean' and 'std' must be 1-D, same width, std > 0")
             return lambda feats: (feats - mean) / std
-    norm = _run_config(run).get("feature_norm")
+    from .mil.results import run_config
+
+    norm = run_config(run).get("feature_norm")
     if norm not in (None, "", "none"):
         raise HeatmapError(f"{run}: trained with feature_norm={norm!r} but no statistics file")
     return None
-
-
-def _run_config(run: Path) -> dict:
-    from .mil import TRAIN_CONFIG_NAME
-
-    path = run / TRAIN_CONFIG_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_fold_model(cfg: HeatmapConfig, csv_labels: list[str]):
@@ -99,22 +95,24 @@ def load_fold_model(cfg: HeatmapConfig, csv_labels: list[str]):
     own main.py has none, so they fall back to the CSV's sorted labels and the checkpoint's
     layout (per-class bag classifiers: CLAM-MB). The input width is read from the weights.
     """
-    import torch
-
-    from .mil_models import build_model, clean_state_dict
+    from .encoders.checkpoint import load_checkpoint
+    from .mil.models import build_model
+    from .mil.nets import clean_state_dict
+    from .mil.results import run_config
     from .splits import canonical_labels
 
     run = Path(cfg.models_dir)
-    ckpt = run / f"s_{cfg.fold}_checkpoint.pt"
+    ckpt = formats.fold_checkpoint_path(run, cfg.fold)
     if not ckpt.is_file():
         raise HeatmapError(f"{ckpt}: no checkpoint for fold {cfg.fold} in --models-dir")
+    state = load_checkpoint(ckpt, what="MIL checkpoint", error=HeatmapError, weights_only=True)
     try:
-        state = clean_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        state = clean_state_dict(state)
         embed_dim = int(state["attention_net.0.weight"].shape[1])
-    except Exception as err:  # noqa: BLE001 - unreadable file or not a CLAM/ABMIL state dict
-        raise HeatmapError(f"{ckpt}: not a CLAM/ABMIL checkpoint ({err})") from err
-    train_cfg = _run_config(run)
-    names = canonical_labels(train_cfg.get("label_dict") or clam_io.default_label_dict(csv_labels))
+    except Exception as err:  # noqa: BLE001 - not a CLAM/ABMIL state dict
+        raise HeatmapError(f"{ckpt}: not a CLAM/ABMIL checkpoint ({err!r})") from err
+    train_cfg = run_config(run)
+    names = canonical_labels(train_cfg.get("label_dict") or formats.default_label_dict(csv_labels))
     inferred = "clam_mb" if "classifiers.0.weight" in state else "clam_sb"
     model_type = cfg.model_type or train_cfg.get("model_type") or inferred
     model = build_model(
@@ -147,7 +145,7 @@ def slide_attention(model, feats: np.ndarray) -> dict:
     """Raw attention (K, N), percentiles (K, N), class probabilities and the predicted class."""
     import torch
 
-    from .mil_models import attention_scores
+    from .mil.nets import attention_scores
 
     param = next(model.parameters())
     x = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)).to(param.device)
@@ -262,34 +260,16 @@ def save_png(path: Path, panels: list[np.ndarray], titles: list[str], cmap: str)
 # ----------------------------------------------------------------------------- one slide
 
 
-def find_slide(slide_dir: str | Path, slide_id: str, slide_ext: str | None) -> Path:
-    """``<dir>/<id><ext>``; without an extension the one ``<id>.<slide extension>`` there."""
-    slide_dir = Path(slide_dir)
-    if slide_ext:
-        path = slide_dir / f"{slide_id}{slide_ext}"
-        if not path.is_file():
-            raise HeatmapError(f"{path}: slide file does not exist")
-        return path
-    found = [
-        p for p in sorted(slide_dir.glob(f"{slide_id}.*"))
-        if p.name[len(slide_id):].lower() in clam_io.SLIDE_EXTENSIONS and p.is_file()
-    ]  # fmt: skip
-    if len(found) != 1:
-        what = "no slide" if not found else f"{len(found)} slides ({[p.name for p in found]})"
-        raise HeatmapError(f"{slide_dir}: {what} named {slide_id}.<ext>; pass --slide-ext")
-    return found[0]
-
-
 def slide_inputs(cfg: HeatmapConfig, slide_id: str):
     """Features (N, D) and the coords file, checked to describe the same patches in order."""
-    coords = clam_io.read_coords_h5(clam_io.coords_path(cfg.data_h5_dir, slide_id))
-    h5_path, _ = clam_io.feature_paths(cfg.data_root_dir, slide_id)
+    coords = formats.read_coords_h5(formats.coords_path(cfg.data_h5_dir, slide_id))
+    h5_path, _ = formats.feature_paths(cfg.data_root_dir, slide_id)
     if h5_path.is_file():
-        feats, feat_coords = clam_io.read_features(cfg.data_root_dir, slide_id, with_coords=True)
+        feats, feat_coords = formats.read_features(cfg.data_root_dir, slide_id, with_coords=True)
         if feat_coords.shape != coords.coords.shape or (feat_coords != coords.coords).any():
             raise HeatmapError(f"{h5_path}: its coords are not those of {coords.path}")
     else:
-        feats = clam_io.read_features(cfg.data_root_dir, slide_id)
+        feats = formats.read_features(cfg.data_root_dir, slide_id)
     if len(feats) != len(coords):
         raise HeatmapError(
             f"{cfg.data_root_dir}: {slide_id} has {len(feats)} feature rows but {coords.path} "
@@ -300,7 +280,7 @@ def slide_inputs(cfg: HeatmapConfig, slide_id: str):
 
 def heatmap_slide(cfg: HeatmapConfig, slide_id: str, model, class_names, norm) -> dict:
     """All three outputs of one slide; returns its prediction and patch count."""
-    from .slides import open_slide
+    from .slides import find_slide, open_slide
 
     feats, coords = slide_inputs(cfg, slide_id)
     att = slide_attention(model, norm(feats) if norm is not None else feats)
@@ -338,8 +318,7 @@ def heatmap_slide(cfg: HeatmapConfig, slide_id: str, model, class_names, norm) -
 def run_heatmaps(cfg: HeatmapConfig) -> RunSummary:
     """Heatmaps for every selected slide; a bad slide is logged and skipped (see the summary)."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    df = clam_io.read_dataset_csv(cfg.csv_path, require_label=False)
+    df = formats.read_dataset_csv(cfg.csv_path, require_label=False)
     labels = dict(zip(df["slide_id"], df["label"])) if "label" in df.columns else {}
     ids = list(cfg.slide_ids or df["slide_id"])
     unknown = sorted(set(ids) - set(df["slide_id"]))
@@ -347,27 +326,28 @@ def run_heatmaps(cfg: HeatmapConfig) -> RunSummary:
         raise HeatmapError(f"{cfg.csv_path}: --slide-ids not in the CSV: {unknown[:5]}")
     model, class_names, model_type = load_fold_model(cfg, sorted(set(labels.values())))
     norm = load_feature_norm(cfg.models_dir, cfg.fold)
+    out.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad run writes nothing
     save_config(cfg, out / CONFIG_NAME)
     device = resolve_device(cfg.device)
     model.to(device)
     summary = RunSummary("heatmap", extra={"model_type": model_type, "fold": cfg.fold})
-    predictions, seconds = {}, []
-    for slide_id in progress(ids, desc="heatmaps", unit="slide"):
-        if (out / slide_id / f"{slide_id}_blockmap.h5").is_file() and not cfg.no_auto_skip:
-            summary.skipped.append(slide_id)
-            continue
-        started = time.time()
-        try:
-            result = heatmap_slide(cfg, slide_id, model, class_names, norm)
-        except Exception as err:  # noqa: BLE001 - one bad slide must not stop the batch
-            summary.fail(slide_id, err)
-            continue
-        seconds.append(time.time() - started)
-        predictions[slide_id] = {**result, "label": labels.get(slide_id)}
-        summary.done.append(slide_id)
-    summary.extra["seconds_per_slide"] = round(float(np.mean(seconds)), 2) if seconds else None
-    line = summary.line()
-    summary.extra["predictions"] = predictions
+    outcomes = run_slide_job(
+        ids, lambda slide_id: heatmap_slide(cfg, slide_id, model, class_names, norm), summary,
+        finished=lambda slide_id: _done_before(cfg, slide_id), desc="heatmaps",
+    )  # fmt: skip
+    done = [o for o in outcomes if o.status == DONE]
+    summary.extra["seconds_per_slide"] = (
+        round(float(np.mean([o.seconds for o in done])), 2) if done else None
+    )
+    summary.extra["predictions"] = {
+        o.slide_id: {**o.result, "label": labels.get(o.slide_id)} for o in done
+    }
     summary.write(out / SUMMARY_NAME)
-    log.info(line)
+    summary.extra.pop("predictions")  # per slide, in the file; the summary line stays one line
     return summary
+
+
+def _done_before(cfg: HeatmapConfig, slide_id: str) -> bool | None:
+    """True (skip) when the slide's blockmap h5, written last, exists; None: draw it."""
+    done = (Path(cfg.out) / slide_id / f"{slide_id}_blockmap.h5").is_file()
+    return True if done and not cfg.no_auto_skip else None

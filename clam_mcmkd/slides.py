@@ -179,3 +179,40 @@ def open_slide(path: str | os.PathLike) -> Slide:
             return TiatoolboxSlide(path)
         except SlideError:
             raise first from None
+
+
+def find_slide(slide_dir: str | os.PathLike, slide_id: str, slide_ext: str | None = None) -> Path:
+    """``<dir>/<id><ext>``; without `slide_ext` the one ``<id>.<slide extension>`` there.
+
+    A missing file names what the directory does hold, so a wrong or default ``--slide-ext``
+    reads as such ("no a.svs in DIR; it has *.tif slides"), not as a later, stranger error.
+    """
+    from .clam.formats import SLIDE_EXTENSIONS
+
+    slide_dir = Path(slide_dir)
+    if slide_ext:
+        path = slide_dir / f"{slide_id}{slide_ext}"
+        if path.is_file():
+            return path
+        exts = sorted({p.suffix.lower() for p in slide_dir.glob("*")
+                       if p.suffix.lower() in SLIDE_EXTENSIONS and p.is_file()})  # fmt: skip
+        found = f"; {slide_dir} has {', '.join('*' + e for e in exts)} slides" if exts else ""
+        hint = " (pass that --slide-ext, or leave it out to detect it)" if exts else ""
+        raise SlideError(path, f"slide file does not exist{found}{hint}")
+    found = [
+        p for p in sorted(slide_dir.glob(f"{slide_id}.*"))
+        if p.name[len(slide_id):].lower() in SLIDE_EXTENSIONS and p.is_file()
+    ]  # fmt: skip
+    if len(found) != 1:
+        what = "no slide" if not found else f"{len(found)} slides ({[p.name for p in found]})"
+        raise SlideError(slide_dir, f"{what} named {slide_id}.<ext>; pass --slide-ext")
+    return found[0]
+
+
+def count_outside(coords: np.ndarray, size: int, dimensions: tuple[int, int]) -> int:
+    """How many (x, y) level-0 patch corners put a `size` square (partly) outside the slide;
+    such patches read as black, which no encoder should silently see."""
+    xy = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    w, h = dimensions
+    outside = (xy < 0).any(axis=1) | (xy[:, 0] + size > w) | (xy[:, 1] + size > h)
+    return int(outside.sum())

@@ -20,7 +20,7 @@ HEAVY = ("torch", "timm", "tiatoolbox")
 
 # What each part of the package may import from the rest of it (docs/architecture.md).
 # A part is a subpackage or a top-level module; importing from within the same part is free.
-STAGES = {"slides", "tissue", "tiling", "patch_loader", "features", "splits", "cohort"}
+STAGES = {"slides", "tissue", "tiling", "patch_loader", "features", "splits", "cohort", "heatmap"}
 CORE = {"utils", "jobs", "distributed", "clam", "encoders"}
 ALLOWED = {
     "__init__": {"utils"},
@@ -30,13 +30,14 @@ ALLOWED = {
     "encoders": {"utils"},
     "clam": {"utils", "encoders"},
     "clam_compat": {"clam"},
-    "slides": {"utils"},
+    "slides": {"utils", "clam"},
     "tissue": {"utils"},
     "patch_loader": {"utils", "clam", "slides"},
     "tiling": {"utils", "jobs", "clam", "slides", "tissue"},
     "cohort": {"utils", "clam"},
     "splits": {"utils", "clam"},
-    "features": {"utils", "jobs", "distributed", "clam", "encoders", "patch_loader"},
+    "features": {"utils", "jobs", "distributed", "clam", "encoders", "patch_loader", "slides"},
+    "heatmap": {"utils", "jobs", "clam", "encoders", "slides", "splits", "mil"},
     "mcmkd": CORE | {"slides"},
     "mil": {"utils", "clam", "encoders", "splits"},
     "benchmark": CORE | STAGES | {"mcmkd", "mil"},

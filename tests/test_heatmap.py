@@ -11,19 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from clam_mcmkd import clam_io
+from clam_mcmkd.clam import formats as clam_io
 from clam_mcmkd.features import ExtractConfig, extract_features
 from clam_mcmkd.heatmap import (
     HeatmapConfig,
     HeatmapError,
-    find_slide,
     load_feature_norm,
     overlay,
     run_heatmaps,
     to_percentiles,
 )
-from clam_mcmkd.mil import TrainConfig, train
-from clam_mcmkd.mil_models import attention_scores, build_model, load_weights
+from clam_mcmkd.mil import TrainConfig, attention_scores, build_model, load_weights, train
+from clam_mcmkd.slides import SlideError, find_slide
 
 
 @pytest.fixture(scope="module")
@@ -206,10 +205,45 @@ def test_find_slide_detects_the_extension(tmp_path):
     (tmp_path / "a.tif").write_bytes(b"x")
     (tmp_path / "a.h5").write_bytes(b"x")  # not a slide extension
     assert find_slide(tmp_path, "a", None) == tmp_path / "a.tif"
-    with pytest.raises(HeatmapError, match=r"a.svs: slide file does not exist"):
+    with pytest.raises(SlideError, match=r"a.svs: slide file does not exist; .* has \*.tif slides"):
         find_slide(tmp_path, "a", ".svs")
     (tmp_path / "a.svs").write_bytes(b"x")
-    with pytest.raises(HeatmapError, match="2 slides .* pass --slide-ext"):
+    with pytest.raises(SlideError, match="2 slides .* pass --slide-ext"):
         find_slide(tmp_path, "a", None)
-    with pytest.raises(HeatmapError, match="no slide named b.<ext>"):
+    with pytest.raises(SlideError, match="no slide named b.<ext>"):
         find_slide(tmp_path, "b", None)
+
+
+def test_heatmap_command(mil_run, small_cohort, small_cohort_tiled, tmp_path):
+    from click.testing import CliRunner
+
+    from clam_mcmkd.cli import main
+
+    ids = sorted(mil_run["labels"])[:2]
+    args = [
+        "heatmap", "--models-dir", str(mil_run["runs"]["clam_sb"]), "--fold", "0",
+        "--data-root-dir", str(mil_run["feats"]), "--data-h5-dir", str(small_cohort_tiled),
+        "--data-slide-dir", str(small_cohort / "slides"), "--csv-path", str(mil_run["csv"]),
+        "--out", str(tmp_path / "hm"), "--slide-ids", ",".join(ids), "--device", "cpu",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "heatmap: 2 done, 0 skipped, 0 failed" in result.output
+    assert "predictions" not in result.output  # one line; per-slide results are in the file
+    for slide_id in ids:  # the slide extension (.tif) was found, not given
+        for suffix in ("_attention.png", "_attention.geojson", "_blockmap.h5"):
+            assert (tmp_path / "hm" / slide_id / f"{slide_id}{suffix}").is_file()
+    saved = json.loads((tmp_path / "hm" / "heatmap_config.json").read_text())
+    defaults = HeatmapConfig("m", "d", "h", "s", "c", "o")
+    assert (saved["alpha"], saved["cmap"], saved["thumb_max_size"]) == (
+        defaults.alpha,
+        defaults.cmap,
+        defaults.thumb_max_size,
+    )
+    assert saved["slide_ids"] == ids and saved["slide_ext"] is None
+    again = CliRunner().invoke(main, args)
+    assert "heatmap: 0 done, 2 skipped, 0 failed" in again.output, again.output
+    bad = CliRunner().invoke(main, [*args[:-4], "--out", str(tmp_path / "x"),
+                                    "--models-dir", str(tmp_path / "none")])  # fmt: skip
+    assert bad.exit_code != 0 and "no checkpoint for fold 0" in bad.output
+    assert not (tmp_path / "x").exists()  # a run that cannot start writes nothing

@@ -1,9 +1,12 @@
-"""MIL commands: ``train``, ``eval`` (model names from the MIL model registry)."""
+"""MIL commands: ``train``, ``eval``, ``heatmap`` (model names from the MIL model registry)."""
 
 from __future__ import annotations
 
+import sys
+
 import click
 
+from ..heatmap import HeatmapConfig
 from ..mil.config import EvalConfig, TrainConfig
 from ..mil.models import MIL_LOSSES, SIZES, list_mil_models
 from .options import (
@@ -91,4 +94,46 @@ def eval_cmd(**kw):
     click.echo(f"summary: {summary}")
 
 
-COMMANDS = (train_cmd, eval_cmd)
+def _heat(field: str, *names: str, **kwargs):
+    return config_option(HeatmapConfig, field, *names, **kwargs)
+
+
+def _slide_ids(ctx, param, value):
+    """``--slide-ids a,b --slide-ids c`` -> [a, b, c]; none -> None (every CSV slide)."""
+    ids = [s.strip() for item in value for s in item.split(",") if s.strip()]
+    return ids or None
+
+
+@click.command("heatmap")
+@option("--models-dir", required=True, help="A train run dir (s_<k>_checkpoint.pt; CLAM's too).")
+@_heat("fold", help="Which fold's model.")
+@option("--data-root-dir", required=True, help="Features: h5_files/ (with coords) or pt_files/.")
+@option("--data-h5-dir", required=True, help="Coords: CLAM's patches/<slide_id>.h5.")
+@option("--data-slide-dir", required=True, help="Directory with the slides (thumbnails).")
+@option("--csv-path", required=True, help="Dataset CSV: which slides, and their labels.")
+@_heat("slide_ext", help="Slide file extension, e.g. .svs (default: found per slide).")
+@option("--out", required=True, help="Output: <out>/<slide_id>/ PNG, GeoJSON, blockmap h5.")
+@option("--slide-ids", multiple=True, callback=_slide_ids,
+        help="Only these slides (comma-separated or repeated; default: every CSV slide).")  # fmt: skip
+@_heat("cmap", help="Matplotlib colour map.")
+@_heat("alpha", help="Weight of the colour over the slide.")
+@_heat("thumb_max_size", help="Longer side of the thumbnail, pixels.")
+@device_option(HeatmapConfig)
+@option("--no-auto-skip", is_flag=True, help="Redo slides whose blockmap h5 exists.")
+@option("--model-type", type=click.Choice(list_mil_models()), default=None,
+        help="Default: the run's train_config.json, else read off the checkpoint.")  # fmt: skip
+def heatmap_cmd(**kw):
+    """Attention heatmaps of a trained fold: PNG overlay, QuPath GeoJSON, CLAM blockmap h5.
+
+    Per slide: raw attention per patch (one map per class for CLAM-MB) as CLAM's percentiles;
+    the feature standardisation saved with the model, if any, is applied first.
+    """
+    from ..heatmap import run_heatmaps
+
+    summary = run_heatmaps(HeatmapConfig(**kw))
+    click.echo(summary.line())
+    if summary.failed and not summary.done and not summary.skipped:
+        sys.exit(1)
+
+
+COMMANDS = (train_cmd, eval_cmd, heatmap_cmd)
