@@ -23,7 +23,12 @@ from clam_mcmkd.clam.formats import read_coords_h5, write_coords_h5, write_datas
 from clam_mcmkd.encoders import EncoderError, create_encoder, read_student_checkpoint
 from clam_mcmkd.mcmkd import FinetuneConfig, finetune, output_paths, plan_windows, trainer
 from clam_mcmkd.mcmkd.masking import make_mask, num_masked, window_masks
-from clam_mcmkd.mcmkd.teacher_cache import TeacherCacheError
+from clam_mcmkd.mcmkd.teacher_cache import (
+    TeacherCache,
+    TeacherCacheError,
+    file_sha256,
+    teacher_spec,
+)
 from clam_mcmkd.mcmkd.windows import (
     NoWindowsError,
     find_window_origins,
@@ -409,3 +414,237 @@ def test_unreadable_slide_is_skipped_and_counted(cmu_coords, cmu_slide, tmp_path
     assert list(plan.summary.failed) == ["broken"] and "broken.svs" in plan.summary.failed["broken"]
     assert plan.summary.skipped == ["no_coords"] and plan.summary.done == [cmu_slide.stem]
     assert len(plan.train) > 0
+
+
+def test_cache_at_one_input_size_is_not_reused_at_another(cmu_run, tmp_path):
+    """A cache written at the teacher's 64 px must not serve a run that omits
+    --teacher-input-size (the teacher's own 224 px): the cache would answer for itself."""
+    cfg, _, _, _ = cmu_run
+    assert cfg.teacher_input_size == 64
+    run_224 = replace(cfg, out=str(tmp_path / "x.pt"), teacher_input_size=None,
+                      stop_after_steps=1)  # fmt: skip
+    with count_teacher_builds() as builds:
+        with pytest.raises(TeacherCacheError, match="input_size") as err:
+            finetune(run_224)
+    assert builds == []  # refused before the (large) teacher is built
+    msg = str(err.value)
+    assert "\n" not in msg and "64" in msg and "224" in msg
+    assert "--teacher-cache" in msg and "delete" in msg
+
+
+# ----------------------------------------------------------------------------- teacher identity
+
+
+@pytest.fixture(scope="module")
+def one_window(cmu_slide, tmp_path_factory) -> Path:
+    """CLAM coords of one 2x2 block of 64 px patches on the CMU slide: a single grid-2 window."""
+    root = tmp_path_factory.mktemp("one_window")
+    coords = np.array([(1000, 1500), (1064, 1500), (1000, 1564), (1064, 1564)])
+    write_coords_h5(
+        root / "patches" / f"{cmu_slide.stem}.h5", coords, patch_size=64, patch_level=0,
+        downsample=(1.0, 1.0), downsampled_level_dim=(2220, 2967), level_dim=(2220, 2967),
+        name=cmu_slide.stem,
+    )  # fmt: skip
+    write_dataset_csv(
+        root / "data.csv", [{"case_id": "c", "slide_id": cmu_slide.stem, "label": "x"}]
+    )
+    return root
+
+
+def _spec(name="resnet18", **kw):
+    args = dict(ckpt=None, pretrained=False, input_size=64, device="cpu", precision="auto")
+    return teacher_spec(name, **{**args, **kw})
+
+
+def test_teacher_spec_and_cache_refuse_any_difference(one_window, cmu_slide, tmp_path):
+    spec = _spec()
+    assert (spec.name, spec.weights, spec.input_size, spec.resize_size, spec.crop) == (
+        "resnet18",
+        "random-init(seed=0)",
+        64,
+        None,
+        False,
+    )
+    assert (spec.out_dim, spec.precision, spec.interpolation) == (512, "fp32", "bilinear")
+    assert spec.mean == (0.485, 0.456, 0.406) and spec.output
+    sw = plan_windows(cmu_cfg(one_window, cmu_slide, tmp_path / "x.pt")).slides[0]
+    cache = TeacherCache(tmp_path / "cache", spec)
+    cache.merge(sw, sw.patch_coords(0, 2), np.zeros((4, 512), np.float32))
+    assert len(cache.read_index(sw)) == 4
+    ckpt = tmp_path / "teacher.pth"
+    torch.save(create_encoder("resnet18", pretrained=False).model.model.state_dict(), ckpt)
+    others = {
+        "name": _spec("resnet34"),
+        "weights": _spec(pretrained=True),  # timm's default resnet18 weights
+        "input_size": _spec(input_size=48),
+        "precision": _spec(device="cuda"),  # bf16 autocast there (a spec only: nothing runs)
+        "mean": replace(spec, mean=(0.5, 0.5, 0.5)),
+        "interpolation": replace(spec, interpolation="bicubic"),
+        "resize_size": replace(spec, resize_size=72, crop=True),
+        "output": replace(spec, output="cls"),
+    }
+    assert others["weights"].weights == "timm/resnet18.a1_in1k"
+    assert others["precision"].precision == "bf16"
+    assert _spec(ckpt=ckpt).weights == f"sha256:{file_sha256(ckpt)}"
+    for field, other in others.items():
+        with pytest.raises(TeacherCacheError, match=f"teacher cache was made by.* {field} ") as err:
+            TeacherCache(tmp_path / "cache", other).read_index(sw)
+        msg = str(err.value)
+        assert "\n" not in msg and "delete" in msg and "--teacher-cache" in msg
+    # the same slide copied elsewhere is the same slide; another file under its name is not
+    copy = tmp_path / "copy" / cmu_slide.name
+    copy.parent.mkdir()
+    copy.write_bytes(cmu_slide.read_bytes())
+    assert (
+        len(TeacherCache(tmp_path / "cache", spec).read_index(replace(sw, slide_path=str(copy))))
+        == 4
+    )
+    copy.write_bytes(cmu_slide.read_bytes() + b"rescanned")
+    with pytest.raises(TeacherCacheError, match="another slide file .*size 1938955 vs 1938964"):
+        TeacherCache(tmp_path / "cache", spec).read_index(replace(sw, slide_path=str(copy)))
+
+
+def test_teacher_input_size_scales_a_cards_resize_and_crop():
+    with torch.device("meta"):
+        spec = _spec("prov_gigapath", input_size=112)
+    assert (spec.resize_size, spec.input_size, spec.crop, spec.interpolation) == (
+        128,
+        112,
+        True,
+        "bicubic",
+    )
+    assert (spec.out_dim, spec.output, spec.weights) == (1536, "cls", "random-init(seed=0)")
+    assert _spec("prov_gigapath", input_size=None, pretrained=True).weights == (
+        "hf-hub:prov-gigapath/prov-gigapath"
+    )
+
+
+@pytest.fixture
+def tiny_foundation_teacher(monkeypatch):
+    """A registered foundation-model spec of CPU size with Virchow2's layout (4 registers, class
+    + mean patch token) and Prov-GigaPath's preprocessing (bicubic resize, centre crop)."""
+    import functools
+
+    from clam_mcmkd.encoders import foundation, registry
+
+    for table in ("_REGISTRY", "_CKPT_ENV", "_PRETRAINED_SOURCE", "_ALIASES", "_DESCRIBE"):
+        monkeypatch.setattr(registry, table, dict(getattr(registry, table)))
+    spec = foundation.FoundationModelSpec(
+        name="tiny_fm", hub_id="hf-hub:example/tiny-fm", arch="vit_tiny_patch16_224",
+        timm_kwargs=(("img_size", 64), ("init_values", 1e-5), ("num_classes", 0),
+                     ("reg_tokens", 4), ("global_pool", ""), ("mlp_layer", "SwiGLUPacked"),
+                     ("act_layer", "SiLU")),
+        out_dim=384, ckpt_env="TINY_FM_CKPT_PATH", source="test stand-in",
+        output="cls+mean_patch", input_size=64, resize_size=72, interpolation="bicubic",
+    )  # fmt: skip
+    registry.register_encoder("tiny_fm", ckpt_env=spec.ckpt_env, source=spec.hub_id)(
+        functools.partial(foundation.build_foundation_model, spec)
+    )
+    return spec
+
+
+def test_finetune_with_a_foundation_model_teacher_on_one_window(
+    one_window, cmu_slide, tmp_path, tiny_foundation_teacher, caplog
+):
+    """The FM path end to end (card transforms, output rule, width); one window: no validation,
+    said once; the run summary at INFO, named once; final metrics say which loss is which."""
+    import logging
+
+    import pandas as pd
+
+    cfg = cmu_cfg(one_window, cmu_slide, tmp_path / "fm.pt", teacher="tiny_fm",
+                  teacher_input_size=None, teacher_cache=str(tmp_path / "cache"), batch_size=1,
+                  epochs=3)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="clam_mcmkd"):
+        finetune(cfg)
+    metrics = json.loads(output_paths(cfg.out)["final_metrics"].read_text())
+    assert metrics["teacher_dim"] == 384 and metrics["val_windows"] == 0
+    assert "val_cosine_after" not in metrics
+    hist = pd.read_csv(output_paths(cfg.out)["metrics"])
+    assert metrics["first_loss"] == pytest.approx(hist["loss"].iloc[0])
+    assert metrics["last_loss"] == pytest.approx(hist["loss"].iloc[-1])
+    assert metrics["mean_loss_last_10_steps"] == pytest.approx(hist["loss"].iloc[-10:].mean())
+    cache_file = tmp_path / "cache" / f"{cmu_slide.stem}.h5"
+    with h5py.File(cache_file) as f:
+        recorded = json.loads(f.attrs["teacher"])
+        cached = dict(zip(map(tuple, f["coords"][:].tolist()), f["features"][:]))
+    assert (recorded["resize_size"], recorded["input_size"], recorded["crop"]) == (72, 64, True)
+    assert (recorded["interpolation"], recorded["output"]) == ("bicubic", "cls+mean_patch")
+    teacher = create_encoder("tiny_fm", pretrained=False)  # the same seeded init
+    sw = plan_windows(cfg).slides[0]
+    with open_slide(cmu_slide) as slide:
+        patches = read_window(slide, sw, 0, 2)
+    with torch.no_grad():
+        want = teacher.model(teacher.transforms.batch(torch.from_numpy(patches))).numpy()
+    got = np.stack([cached[tuple(int(v) for v in c)] for c in sw.patch_coords(0, 2)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert any("none left to hold out, so no validation" in m for _, m in messages)
+    assert not any("held-out windows" in m for _, m in messages)
+    summaries = [(lvl, m) for lvl, m in messages if m.startswith("finetune: 1 done")]
+    assert summaries and all(lvl == logging.INFO for lvl, _ in summaries)
+    assert not any("finetune: finetune:" in m for _, m in messages)
+
+
+def test_a_run_that_fails_writing_leaves_no_outputs_behind(one_window, cmu_slide, tmp_path):
+    out = tmp_path / "run" / "x.pt"
+    out.mkdir(parents=True)  # the checkpoint cannot be written where a directory is
+    cfg = cmu_cfg(one_window, cmu_slide, out, teacher_cache=str(tmp_path / "cache"))
+    with pytest.raises(OSError):
+        finetune(cfg)
+    for key in ("config", "metrics", "plot", "summary", "final_metrics"):
+        assert not output_paths(out)[key].exists(), key
+    assert output_paths(out)["state"].is_file()  # what --resume needs stays
+
+
+def test_offline_teacher_is_one_line_naming_the_ways_out(cmu_coords, cmu_slide, tmp_path,
+                                                          hub_offline):  # fmt: skip
+    from click.testing import CliRunner
+
+    from clam_mcmkd.cli import main
+
+    result = CliRunner().invoke(
+        main,
+        ["finetune", "--data-h5-dir", str(cmu_coords), "--data-slide-dir", str(cmu_slide.parent),
+         "--csv-path", str(cmu_coords / "data.csv"), "--teacher", "vit_large_patch16_224",
+         "--grid", "2", "--teacher-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "x.pt")],
+    )  # fmt: skip
+    assert result.exit_code != 0
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "Traceback" not in result.output
+    assert "vit_large_patch16_224: cannot load pretrained weights" in error[0]
+    assert "--no-pretrained" in error[0] and "--teacher-ckpt PATH" in error[0]
+    assert not output_paths(tmp_path / "x.pt")["config"].exists()
+
+
+# ----------------------------------------------------------------------------- newcomer friction
+
+
+def test_slide_extension_is_found_or_named(small_cohort, small_cohort_tiled, tmp_path):
+    found = plan_windows(cohort_cfg(small_cohort, small_cohort_tiled, tmp_path / "x.pt",
+                                    slide_ext=None))  # fmt: skip
+    assert len(found.slides) == 6 and all(sw.slide_path.endswith(".tif") for sw in found.slides)
+    with pytest.raises(NoWindowsError) as err:
+        plan_windows(cohort_cfg(small_cohort, small_cohort_tiled, tmp_path / "x.pt",
+                                slide_ext=".svs"))  # fmt: skip
+    msg = str(err.value)
+    assert "\n" not in msg and "no slide of" in msg and "smaller --grid" not in msg
+    assert ".svs: slide file does not exist" in msg and "has *.tif slides" in msg
+
+
+def test_coords_outside_the_slide_are_counted_per_slide(one_window, cmu_slide, tmp_path, caplog):
+    import logging
+
+    coords = read_coords_h5(one_window / "patches" / f"{cmu_slide.stem}.h5")
+    shifted = np.concatenate([coords.coords, [[2200, 100], [100, 2950]]])  # past the 2220x2967 edge
+    root = tmp_path / "h5"
+    write_coords_h5(
+        root / "patches" / f"{cmu_slide.stem}.h5", shifted, patch_size=64, patch_level=0,
+        downsample=(1.0, 1.0), downsampled_level_dim=(2220, 2967), level_dim=(2220, 2967),
+        name=cmu_slide.stem,
+    )  # fmt: skip
+    cfg = cmu_cfg(root, cmu_slide, tmp_path / "x.pt", csv_path=str(one_window / "data.csv"))
+    with caplog.at_level(logging.WARNING, logger="clam_mcmkd"):
+        plan_windows(cfg)
+    warned = [r.getMessage() for r in caplog.records if "outside the slide" in r.getMessage()]
+    assert len(warned) == 1 and f"{cmu_slide.stem}: 2 of 6 coords" in warned[0]

@@ -21,7 +21,7 @@ def _opt(field: str, *names: str, **kwargs):
 @option("--data-h5-dir", required=True, help="Directory with CLAM's patches/<slide_id>.h5.")
 @option("--data-slide-dir", required=True, help="Directory with the slides.")
 @option("--csv-path", required=True, help="Dataset CSV (slide_id column; labels are not used).")
-@_opt("slide_ext", help="Slide file extension.")
+@_opt("slide_ext", help="Slide file extension, e.g. .svs (default: found per slide).")
 @option("--teacher", required=True,
         help="Frozen teacher: any timm name (hf-hub:... too) or registered encoder.")  # fmt: skip
 @option("--teacher-ckpt", default=None, help="Local weights for the teacher (state dict).")

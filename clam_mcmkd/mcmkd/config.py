@@ -22,7 +22,7 @@ class FinetuneConfig:
     csv_path: str
     teacher: str
     out: str = "mcmkd_resnet50.pt"
-    slide_ext: str = ".svs"
+    slide_ext: str | None = None  # None: each slide's extension, found in data_slide_dir
     teacher_ckpt: str | None = None
     teacher_input_size: int | None = None  # None: the teacher's own (timm) input size
     student: str = "resnet50_trunc"

@@ -1,7 +1,9 @@
 """What a finished fine-tuning run writes next to its checkpoint (see ``config.output_paths``).
 
 The student checkpoint (what extraction loads), the run's config, the loss history as CSV and a
-plot, the final metrics and the run summary. Only rank 0 writes.
+plot, the final metrics and the run summary. Only rank 0 writes, all of it or nothing: a run that
+fails while writing leaves no config or metrics that would pass for a finished run (its resume
+state stays, so ``--resume`` writes them again).
 """
 
 from __future__ import annotations
@@ -35,8 +37,13 @@ def run_metrics(
         "slides_used": len(plan.slides),
         "slides_failed": len(plan.summary.failed),
         "slides_skipped": len(plan.summary.skipped),
+        # the per-step loss is noisy (one batch): besides the first and last steps' losses (the
+        # first and last rows of metrics.csv), the mean of the last 10 steps
         "first_loss": history[0]["loss"] if history else None,
-        "final_loss": float(np.mean([h["loss"] for h in history[-10:]])) if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
+        "mean_loss_last_10_steps": (
+            float(np.mean([h["loss"] for h in history[-10:]])) if history else None
+        ),
         "windows_per_s": windows_per_s,
         "teacher_dim": teacher_dim,
         "teacher_patches_computed": int(teacher_stats["patches_computed"]),
@@ -57,25 +64,39 @@ def write_run_outputs(
     cfg: FinetuneConfig, paths: dict[str, Path], plan, history: list[dict], metrics: dict,
     student, student_tf, cache_dir: Path,
 ) -> None:  # fmt: skip
-    """Config, metrics CSV, loss plot, summary, final metrics, then the student checkpoint."""
+    """The student checkpoint, metrics CSV, loss plot, summary, final metrics, then the config;
+    on any failure the files written so far are removed again."""
     plan.summary.extra.update(
         teacher_patches_computed=metrics["teacher_patches_computed"],
         teacher_patches_cached=metrics["teacher_patches_cached"],
     )
     config = asdict(cfg)
     config["teacher_cache"] = str(cache_dir)
-    save_config(cfg, paths["config"])
-    write_metrics_csv(paths["metrics"], history)
-    plot_loss(paths["plot"], history, metrics)
-    plan.summary.write(paths["summary"])
-    atomic_write_text(paths["final_metrics"], json.dumps(metrics, indent=2) + "\n")
-    save_student_checkpoint(
-        paths["checkpoint"], student, arch=cfg.student, transforms=student_tf, config=config,
-        metrics=metrics,
-    )  # fmt: skip
-    log.warning("finetune: %s", plan.summary.line())
+    writes = [  # the checkpoint first, the config last
+        ("checkpoint", lambda p: save_student_checkpoint(
+            p, student, arch=cfg.student, transforms=student_tf, config=config, metrics=metrics)),
+        ("metrics", lambda p: write_metrics_csv(p, history)),
+        ("plot", lambda p: plot_loss(p, history, metrics)),
+        ("summary", plan.summary.write),
+        ("final_metrics", lambda p: atomic_write_text(p, json.dumps(metrics, indent=2) + "\n")),
+        ("config", lambda p: save_config(cfg, p)),
+    ]  # fmt: skip
+    written: list[Path] = []
+    try:
+        for key, write in writes:
+            write(paths[key])
+            written.append(paths[key])
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    log.info("%s", plan.summary.line())
+    if metrics["last_loss"] is not None:
+        log.info("finetune: loss %.4f at step 1, %.4f at step %d (mean of the last 10 steps "
+                 "%.4f)", metrics["first_loss"], metrics["last_loss"], len(history),
+                 metrics["mean_loss_last_10_steps"])  # fmt: skip
     if "val_cosine_after" in metrics:
-        log.warning(
+        log.info(
             "finetune: val masked cosine %.4f -> %.4f (mean-feature baseline %.4f)",
             metrics["val_cosine_before"],
             metrics["val_cosine_after"],

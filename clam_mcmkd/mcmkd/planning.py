@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..clam.formats import coords_path, read_coords_h5, read_dataset_csv
 from ..jobs import DONE, SkipSlide, run_slide_job
-from ..slides import open_slide
+from ..slides import count_outside, find_slide, open_slide
 from ..utils import ClamMcmkdError, RunSummary
 from .config import FinetuneConfig
 from .windows import NoWindowsError, SlideWindows, WindowRef, slide_windows
@@ -41,11 +40,7 @@ def plan_windows(cfg: FinetuneConfig) -> WindowPlan:
     )
     slides = [o.result for o in outcomes if o.status == DONE]
     if not slides:
-        raise NoWindowsError(
-            f"no {cfg.grid}x{cfg.grid} window of grid-adjacent tissue patches in any slide of "
-            f"{cfg.csv_path} ({len(df)} listed, {len(summary.failed)} unreadable, "
-            f"{len(summary.skipped)} without coords or windows); use a smaller --grid or denser tiling"
-        )
+        raise NoWindowsError(_no_windows(cfg, len(df), summary))
     train, val = split_windows(slides, cfg)
     summary.extra.update(
         slides_with_windows=len(slides), train_windows=len(train), val_windows=len(val)
@@ -53,14 +48,32 @@ def plan_windows(cfg: FinetuneConfig) -> WindowPlan:
     return WindowPlan(slides, train, val, summary)
 
 
+def _no_windows(cfg: FinetuneConfig, listed: int, summary: RunSummary) -> str:
+    """Why no slide gave a window: the first slide failure when every slide failed (a wrong
+    --slide-ext, unreadable files), else the grid."""
+    counts = (f"{listed} listed, {len(summary.failed)} unreadable, "
+              f"{len(summary.skipped)} without coords or windows")  # fmt: skip
+    if summary.failed and not summary.skipped:
+        slide_id, why = next(iter(summary.failed.items()))
+        return f"no slide of {cfg.csv_path} could be read ({counts}); {slide_id}: {why}"
+    return (
+        f"no {cfg.grid}x{cfg.grid} window of grid-adjacent tissue patches in any slide of "
+        f"{cfg.csv_path} ({counts}); use a smaller --grid or denser tiling"
+    )
+
+
 def _slide_windows(cfg: FinetuneConfig, slide_id: str) -> SlideWindows:
     h5 = coords_path(cfg.data_h5_dir, slide_id)
-    slide_path = Path(cfg.data_slide_dir) / f"{slide_id}{cfg.slide_ext}"
     if not h5.is_file():
         raise SkipSlide(f"no coords file {h5}", level=logging.WARNING)
     coords = read_coords_h5(h5)
-    with open_slide(slide_path):  # an unreadable slide fails here, not in a reading worker
-        pass
+    slide_path = find_slide(cfg.data_slide_dir, slide_id, cfg.slide_ext)
+    with open_slide(slide_path) as slide:  # an unreadable slide fails here, not in a worker
+        outside = count_outside(coords.coords, coords.patch_size_level0, slide.dimensions)
+    if outside:
+        log.warning("finetune: %s: %d of %d coords lie (partly) outside the slide's %dx%d "
+                    "level 0; windows there read black", slide_id, outside, len(coords),
+                    *slide.dimensions)  # fmt: skip
     sw = slide_windows(slide_id, slide_path, coords, cfg.grid, cfg.window_overlap)
     if len(sw) == 0:
         raise SkipSlide(f"no {cfg.grid}x{cfg.grid} window of adjacent patches")
@@ -81,8 +94,13 @@ def split_windows(
         train = [r for r in all_refs if r.slide not in val_slides]
         val = [r for r in all_refs if r.slide in val_slides]
     else:
-        log.warning("finetune: one slide only: validation uses held-out windows of that slide")
         n_val = min(max(1, math.ceil(cfg.val_frac * len(all_refs))), len(all_refs) - 1)
+        if n_val:
+            log.warning("finetune: one slide only: validation uses %d held-out windows of that "
+                        "slide", n_val)  # fmt: skip
+        else:
+            log.warning("finetune: one slide with one window: none left to hold out, so no "
+                        "validation (val_windows=0, no val cosine in the metrics)")  # fmt: skip
         perm = rng.permutation(len(all_refs))
         val_idx = set(perm[:n_val].tolist())
         train = [r for i, r in enumerate(all_refs) if i not in val_idx]

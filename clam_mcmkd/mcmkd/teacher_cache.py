@@ -2,11 +2,14 @@
 
 Teacher features do not depend on the mask, so they are a pure function of (teacher, patch).
 The cache holds one h5 per slide (``<cache_dir>/<slide_id>.h5``: ``coords`` (N, 2) level-0 and
-``features`` (N, D) float32, row-aligned) and records on the file what made it: teacher name,
-checkpoint SHA-256, input size and normalisation, patch size and level. A run whose teacher or
-patch geometry differs from what a file records stops with :class:`TeacherCacheError` instead of
-silently mixing features. Patches missing from a file are computed and merged in (the file is
-rewritten atomically), so a later run that needs no new patch never builds the teacher.
+``features`` (N, D) float32, row-aligned) and records on the file everything that made them
+(:class:`TeacherSpec`: name, weights, input size, resize, crop, interpolation, mean/std, output
+rule, width, precision), the slide file it read (id, size, a hash of its first and last MiB) and
+the patch size and level. A run that differs in any of these stops with one line naming the
+field and the way out, instead of silently mixing features. The run's spec comes from a build
+on the meta device (no weights, no memory, nothing downloaded), so a run whose cache is
+complete never builds the teacher. Patches missing from a file are computed and merged in (the
+file is rewritten atomically).
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..encoders import Encoder, PatchTransforms, create_encoder
-from ..encoders.forward import encode_patches
+from ..encoders import Encoder, PatchTransforms, create_encoder, weights_source
+from ..encoders.forward import autocast_dtype, encode_patches
 from ..utils import ClamMcmkdError, atomic_path, progress
 
-CACHE_FORMAT = "clam_mcmkd.teacher_cache/1"
+CACHE_FORMAT = "clam_mcmkd.teacher_cache/2"
+_FIX = "delete {dir} or use a new --teacher-cache"
 
 
 class TeacherCacheError(ClamMcmkdError):
@@ -37,13 +41,30 @@ class TeacherSpec:
     """Everything that decides a teacher feature, besides the pixels."""
 
     name: str
-    ckpt_sha256: str
+    weights: str  # sha256:<checkpoint file>, the pretrained source (hub id), or random-init(seed)
     input_size: int
+    resize_size: int | None  # None: Resize(input_size), no crop
+    crop: bool
+    interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    output: str  # the encoder's output rule (class token, class + mean patch token, pooled...)
+    out_dim: int
+    precision: str  # fp32 | bf16 | fp16: what the teacher's forward pass ran in
+
+    def record(self) -> dict:
+        return json.loads(json.dumps(asdict(self), sort_keys=True))
 
     def attrs(self) -> dict:
-        return {"teacher": json.dumps(asdict(self), sort_keys=True)}
+        return {"teacher": json.dumps(self.record(), sort_keys=True)}
+
+    def differences(self, recorded: dict) -> list[str]:
+        """``field cached (cache) vs wanted (this run)`` for every field that differs."""
+        return [
+            f"{key} {recorded.get(key)!r} (cache) vs {value!r} (this run)"
+            for key, value in self.record().items()
+            if recorded.get(key) != value
+        ]
 
 
 def file_sha256(path: str | os.PathLike | None) -> str:
@@ -56,6 +77,33 @@ def file_sha256(path: str | os.PathLike | None) -> str:
     return digest.hexdigest()
 
 
+def slide_identity(slide_id: str, path: str | os.PathLike) -> dict:
+    """A slide file's identity, cheap for multi-GB slides: id, size and a SHA-256 of its first
+    and last MiB (a re-scan or another file under the same name differs there)."""
+    path = Path(path)
+    ident = {"slide_id": slide_id, "size": None, "head_tail_sha256": ""}
+    if path.is_file():
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 1 << 20:
+                f.seek(max(size - (1 << 20), 1 << 20))
+                digest.update(f.read())
+        ident.update(size=size, head_tail_sha256=digest.hexdigest())
+    return ident
+
+
+def teacher_transforms(transforms: PatchTransforms, input_size: int | None) -> PatchTransforms:
+    """The teacher's transforms with ``--teacher-input-size``: the crop and the resize before
+    it scale together, so a card's resize-then-crop and interpolation are kept."""
+    if not input_size or int(input_size) == transforms.input_size:
+        return transforms
+    scale = int(input_size) / transforms.input_size
+    resize = None if transforms.resize_size is None else round(transforms.resize_size * scale)
+    return replace(transforms, input_size=int(input_size), resize_size=resize)
+
+
 def build_teacher(
     name: str,
     *,
@@ -64,115 +112,100 @@ def build_teacher(
     input_size: int | None,
     device: str,
 ) -> Encoder:
-    """A frozen eval-mode teacher; `input_size` overrides its transforms' resize."""
-    enc = create_encoder(name, pretrained=pretrained, ckpt=ckpt)
-    transforms = enc.transforms
-    if input_size:
-        transforms = PatchTransforms(int(input_size), transforms.mean, transforms.std)
+    """A frozen eval-mode teacher; `input_size` overrides its transforms' size."""
+    from ..encoders import PretrainedWeightsError
+
+    try:
+        enc = create_encoder(name, pretrained=pretrained, ckpt=ckpt)
+    except PretrainedWeightsError as err:  # finetune names its checkpoint option differently
+        raise err.for_option("--teacher-ckpt") from None
     model = enc.model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Encoder(model, transforms, enc.out_dim)
+    return Encoder(model, teacher_transforms(enc.transforms, input_size), enc.out_dim)
 
 
 def teacher_spec(
-    name: str, ckpt: str | os.PathLike | None, transforms: PatchTransforms
-) -> TeacherSpec:
-    return TeacherSpec(
-        name=name,
-        ckpt_sha256=file_sha256(ckpt),
-        input_size=int(transforms.input_size),
-        mean=tuple(float(v) for v in transforms.mean),
-        std=tuple(float(v) for v in transforms.std),
-    )
-
-
-def cached_spec(
-    cache_dir: Path,
-    slide_ids: Iterable[str],
     name: str,
+    *,
     ckpt: str | os.PathLike | None,
+    pretrained: bool,
     input_size: int | None,
-) -> TeacherSpec | None:
-    """The teacher's spec as a cache file records it, without building the teacher.
+    device: str,
+    precision: str,
+) -> TeacherSpec:
+    """The spec of the teacher a run asks for, read off a build on the meta device (no weights
+    read, no memory, nothing downloaded): what :func:`build_teacher` would build."""
+    import torch
 
-    timm models expose their data config without weights only once built; the cache records the
-    spec, so a run whose cache already matches name + checkpoint takes the transforms from
-    there. None when no slide has a cache file; an error when a file names another teacher.
-    """
-    ckpt_hash = file_sha256(ckpt)
-    for slide_id in slide_ids:
-        path = Path(cache_dir) / f"{slide_id}.h5"
-        if not path.is_file():
-            continue
-        try:
-            with h5py.File(path, "r") as f:
-                if f.attrs.get("format") != CACHE_FORMAT:
-                    raise TeacherCacheError(f"{path}: not a teacher-feature cache file")
-                recorded = json.loads(f.attrs["teacher"])
-        except OSError as err:
-            raise TeacherCacheError(f"{path}: unreadable teacher cache file ({err})") from err
-        want_size = input_size or recorded["input_size"]
-        if (recorded["name"], recorded["ckpt_sha256"], recorded["input_size"]) == (
-            name,
-            ckpt_hash,
-            want_size,
-        ):
-            return TeacherSpec(
-                recorded["name"],
-                recorded["ckpt_sha256"],
-                int(recorded["input_size"]),
-                tuple(recorded["mean"]),
-                tuple(recorded["std"]),
-            )
-        raise TeacherCacheError(
-            f"{path}: teacher cache was made by teacher {recorded['name']!r} "
-            f"(ckpt sha256 {recorded['ckpt_sha256'][:12] or 'none'}, input {recorded['input_size']}), "
-            f"this run asks for {name!r} (ckpt sha256 {ckpt_hash[:12] or 'none'}, "
-            f"input {want_size}); use another --teacher-cache or delete it"
-        )
-    return None
+    with torch.device("meta"):
+        enc = create_encoder(name, pretrained=False, ckpt=ckpt)
+    tf = teacher_transforms(enc.transforms, input_size)
+    weights = weights_source(name, pretrained=pretrained, ckpt=ckpt)
+    if weights.startswith("file:"):
+        weights = "sha256:" + file_sha256(weights[len("file:") :])
+    dtype = autocast_dtype(device, precision)
+    return TeacherSpec(
+        name=name, weights=weights, input_size=int(tf.input_size), resize_size=tf.resize_size,
+        crop=tf.crop, interpolation=tf.interpolation, mean=tuple(float(v) for v in tf.mean),
+        std=tuple(float(v) for v in tf.std), output=getattr(enc.model, "output_rule", ""),
+        out_dim=int(enc.out_dim),
+        precision={None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+    )  # fmt: skip
 
 
 class TeacherCache:
     """One directory of per-slide teacher-feature files for one teacher."""
 
-    def __init__(self, cache_dir: str | os.PathLike, spec: TeacherSpec | None):
+    def __init__(self, cache_dir: str | os.PathLike, spec: TeacherSpec):
         self.dir = Path(cache_dir)
-        self.spec = spec  # None: adopt whatever the first file records (read-only use)
+        self.spec = spec
+        self._slides: dict[str, dict] = {}  # slide path -> its identity (hashed once)
 
     def path(self, slide_id: str) -> Path:
         return self.dir / f"{slide_id}.h5"
 
-    def _check_attrs(self, path: Path, attrs, patch_size: int, patch_level: int) -> None:
+    def slide_identity(self, sw) -> dict:
+        if sw.slide_path not in self._slides:
+            self._slides[sw.slide_path] = slide_identity(sw.slide_id, sw.slide_path)
+        return self._slides[sw.slide_path]
+
+    def _check_attrs(self, path: Path, attrs, sw) -> None:
+        fix = _FIX.format(dir=self.dir)
         if attrs.get("format") != CACHE_FORMAT:
-            raise TeacherCacheError(f"{path}: not a teacher-feature cache file ({CACHE_FORMAT})")
-        recorded = json.loads(attrs["teacher"])
-        if self.spec is not None and recorded != json.loads(self.spec.attrs()["teacher"]):
-            diff = {
-                k: (recorded.get(k), v)
-                for k, v in json.loads(self.spec.attrs()["teacher"]).items()
-                if recorded.get(k) != v
-            }
             raise TeacherCacheError(
-                f"{path}: teacher cache was made by a different teacher or transform "
-                f"(cached vs requested: {diff}); use another --teacher-cache or delete it"
+                f"{path}: not a teacher-feature cache of this version (format "
+                f"{attrs.get('format')!r}, expected {CACHE_FORMAT!r}); {fix}"
+            )
+        diff = self.spec.differences(json.loads(attrs["teacher"]))
+        if diff:
+            raise TeacherCacheError(
+                f"{path}: teacher cache was made by a different teacher setup: "
+                f"{'; '.join(diff)}; {fix}"
+            )
+        recorded, now = json.loads(attrs["slide"]), self.slide_identity(sw)
+        if recorded != now:
+            what = [f"{k} {recorded.get(k)!r} vs {v!r}" for k, v in now.items()
+                    if recorded.get(k) != v]  # fmt: skip
+            raise TeacherCacheError(
+                f"{path}: teacher cache was made from another slide file than {sw.slide_path} "
+                f"({'; '.join(what)}); {fix}"
             )
         geom = (int(attrs["patch_size"]), int(attrs["patch_level"]))
-        if geom != (patch_size, patch_level):
+        if geom != (sw.patch_size, sw.patch_level):
             raise TeacherCacheError(
                 f"{path}: stale teacher cache: made for patch_size/level {geom}, the coords now "
-                f"say {(patch_size, patch_level)}; delete it or use another --teacher-cache"
+                f"say {(sw.patch_size, sw.patch_level)}; {fix}"
             )
 
-    def read_index(self, slide_id: str, patch_size: int, patch_level: int) -> np.ndarray:
+    def read_index(self, sw) -> np.ndarray:
         """Cached coords (N, 2) of a slide (empty when there is no file), after validation."""
-        path = self.path(slide_id)
+        path = self.path(sw.slide_id)
         if not path.is_file():
             return np.zeros((0, 2), dtype=np.int64)
         try:
             with h5py.File(path, "r") as f:
-                self._check_attrs(path, dict(f.attrs), patch_size, patch_level)
+                self._check_attrs(path, dict(f.attrs), sw)
                 coords = np.asarray(f["coords"][:], dtype=np.int64)
                 n_feat = f["features"].shape[0]
         except (OSError, KeyError) as err:
@@ -181,19 +214,12 @@ class TeacherCache:
             raise TeacherCacheError(f"{path}: {len(coords)} coords but {n_feat} feature rows")
         return coords
 
-    def merge(
-        self,
-        slide_id: str,
-        coords: np.ndarray,
-        features: np.ndarray,
-        patch_size: int,
-        patch_level: int,
-    ) -> None:
+    def merge(self, sw, coords: np.ndarray, features: np.ndarray) -> None:
         """Add rows to a slide's file (rewritten atomically: a killed run leaves the old one)."""
-        old_coords = self.read_index(slide_id, patch_size, patch_level)
+        old_coords = self.read_index(sw)
         old_feats = None
         if len(old_coords):
-            with h5py.File(self.path(slide_id), "r") as f:
+            with h5py.File(self.path(sw.slide_id), "r") as f:
                 old_feats = np.asarray(f["features"][:])
         all_coords = np.concatenate([old_coords, np.asarray(coords, dtype=np.int64)])
         all_feats = (
@@ -201,13 +227,14 @@ class TeacherCache:
             if old_feats is None
             else np.concatenate([old_feats, features.astype(old_feats.dtype)])
         )
-        with atomic_path(self.path(slide_id)) as tmp:
+        with atomic_path(self.path(sw.slide_id)) as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("coords", data=all_coords)
                 f.create_dataset("features", data=np.asarray(all_feats, dtype=np.float32))
                 f.attrs["format"] = CACHE_FORMAT
-                f.attrs["patch_size"] = int(patch_size)
-                f.attrs["patch_level"] = int(patch_level)
+                f.attrs["patch_size"] = int(sw.patch_size)
+                f.attrs["patch_level"] = int(sw.patch_level)
+                f.attrs["slide"] = json.dumps(self.slide_identity(sw), sort_keys=True)
                 for k, v in self.spec.attrs().items():
                     f.attrs[k] = v
 
@@ -221,17 +248,17 @@ def fill_cache(
     device: str,
     batch_size: int = 64,
     show_progress: bool = True,
+    precision: str = "auto",
 ) -> dict[str, int]:
     """Compute the teacher features missing from the cache; the teacher is built only if needed."""
     from ..slides import open_slide
-    from .windows import read_window
 
     teacher = None
     stats = {"patches_cached": 0, "patches_computed": 0}
     todo: list[tuple[int, list[int], set]] = []
     for s, windows in needed.items():
         sw = slides[s]
-        have = {tuple(c) for c in cache.read_index(sw.slide_id, sw.patch_size, sw.patch_level)}
+        have = {tuple(c) for c in cache.read_index(sw)}
         missing_windows, missing = [], set()
         for w in windows:
             cells = {tuple(int(v) for v in c) for c in sw.patch_coords(w, grid)}
@@ -254,36 +281,37 @@ def fill_cache(
         if teacher is None:
             teacher = make_teacher()
         coords_out, feats_out = [], []
-        seen: set = set()
         with open_slide(sw.slide_path) as slide:
-            buf_c, buf_p = [], []
-            for w in windows:
-                patches = read_window(slide, sw, w, grid)
-                for c, p in zip(sw.patch_coords(w, grid), patches):
-                    key = (int(c[0]), int(c[1]))
-                    if key in missing and key not in seen:
-                        seen.add(key)
-                        buf_c.append(key)
-                        buf_p.append(p)
-                bar.update(1)
-                if len(buf_p) >= batch_size:
-                    feats_out.append(encode_patches(teacher, np.stack(buf_p), batch_size, device))
-                    coords_out += buf_c
-                    buf_c, buf_p = [], []
-            if buf_p:
-                feats_out.append(encode_patches(teacher, np.stack(buf_p), batch_size, device))
-                coords_out += buf_c
-        cache.merge(
-            sw.slide_id,
-            np.asarray(coords_out),
-            np.concatenate(feats_out),
-            sw.patch_size,
-            sw.patch_level,
-        )
+            for batch_coords, patches in _missing_patches(slide, sw, windows, grid, missing,
+                                                          batch_size, bar):  # fmt: skip
+                feats_out.append(encode_patches(teacher, patches, batch_size, device, precision))
+                coords_out += batch_coords
+        cache.merge(sw, np.asarray(coords_out), np.concatenate(feats_out))
         stats["patches_computed"] += len(coords_out)
     bar.close()
     stats["teacher_built"] = int(teacher is not None)
     return stats
+
+
+def _missing_patches(slide, sw, windows, grid, missing: set, batch_size: int, bar):
+    """Batches ``(coords, uint8 patches)`` of the patches of `windows` not cached yet, each
+    patch once (windows may share patches), windows read with one ``read_region`` each."""
+    from .windows import read_window
+
+    buf_c, buf_p = [], []
+    for w in windows:
+        for c, p in zip(sw.patch_coords(w, grid), read_window(slide, sw, w, grid)):
+            key = (int(c[0]), int(c[1]))
+            if key in missing:
+                missing.discard(key)
+                buf_c.append(key)
+                buf_p.append(p)
+        bar.update(1)
+        if len(buf_p) >= batch_size:
+            yield buf_c, np.stack(buf_p)
+            buf_c, buf_p = [], []
+    if buf_p:
+        yield buf_c, np.stack(buf_p)
 
 
 class CacheReader:
@@ -295,7 +323,7 @@ class CacheReader:
         self.rows: dict[int, dict[tuple[int, int], int]] = {}
         for s in slide_indices:
             sw = slides[s]
-            coords = cache.read_index(sw.slide_id, sw.patch_size, sw.patch_level)
+            coords = cache.read_index(sw)
             self.paths[s] = str(cache.path(sw.slide_id))
             self.rows[s] = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
         self._files: dict[int, h5py.File] = {}

@@ -45,7 +45,6 @@ from .teacher_cache import (
     CacheReader,
     TeacherCache,
     build_teacher,
-    cached_spec,
     fill_cache,
     teacher_spec,
     teacher_stats,
@@ -95,7 +94,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     with distributed_run(resolve_device(cfg.device)) as (device, info):
         paths = output_paths(cfg.out)
         plan = plan_windows(cfg)
-        log.info("finetune: %s", plan.summary.line())
+        log.info("%s", plan.summary.line())
         targets = teacher_targets(cfg, plan, device, info)
         run = build(cfg, plan, targets, device, info)
         prog = restore(cfg, plan, run, targets, paths, device, info)
@@ -120,16 +119,17 @@ def teacher_targets(
             )  # fmt: skip
         return built["teacher"]
 
-    slide_ids = [sw.slide_id for sw in plan.slides]
-    spec = cached_spec(cache_dir, slide_ids, cfg.teacher, cfg.teacher_ckpt, cfg.teacher_input_size)
-    if spec is None:
-        spec = teacher_spec(cfg.teacher, cfg.teacher_ckpt, make_teacher().transforms)
+    spec = teacher_spec(
+        cfg.teacher, ckpt=cfg.teacher_ckpt, pretrained=cfg.pretrained,
+        input_size=cfg.teacher_input_size, device=device, precision=cfg.precision,
+    )  # fmt: skip
     cache = TeacherCache(cache_dir, spec)
     needed = windows_by_slide(plan.train + plan.val)
     mine = dict(shard(sorted(needed.items()), info))
     show = cfg.progress and info.is_main
     stats = fill_cache(cache, plan.slides, mine, cfg.grid, make_teacher, device,
-                       cfg.teacher_batch_size, show_progress=show)  # fmt: skip
+                       cfg.teacher_batch_size, show_progress=show,
+                       precision=cfg.precision)  # fmt: skip
     built.clear()  # the teacher is not needed any more: free its memory
     barrier(info)
     stats = dict(zip(stats, all_reduce_sum([float(v) for v in stats.values()], info, "cpu")))
