@@ -19,6 +19,7 @@ from .clam import formats
 from .distributed import DistInfo, barrier, distributed_run, gather_objects, shard
 from .encoders.forward import autocast_dtype, encode_batches
 from .jobs import DONE, Outcome, run_slide_job
+from .slides import count_outside, find_slide
 from .utils import ClamMcmkdError, RunSummary, resolve_device, save_config
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class ExtractConfig:
     csv_path: str | None
     feat_dir: str
     model: str = "resnet50_trunc"
-    slide_ext: str = ".svs"
+    slide_ext: str | None = None  # None: each slide's extension, found in data_slide_dir
     batch_size: int = 256
     no_auto_skip: bool = False
     target_patch_size: int = 224
@@ -50,7 +51,7 @@ class ExtractConfig:
 
 
 def slide_path(cfg: ExtractConfig, slide_id: str) -> Path:
-    return Path(cfg.data_slide_dir) / f"{slide_id}{cfg.slide_ext}"
+    return find_slide(cfg.data_slide_dir, slide_id, cfg.slide_ext)
 
 
 def extract_slide(
@@ -71,6 +72,12 @@ def extract_slide(
         if not reader.is_fast:
             log.info("%s: read through OpenSlide (%s)", Path(slide_file).name,
                      reader.stats.fallback_reason)  # fmt: skip
+        dims = reader.slide.dimensions
+    outside = count_outside(coords.coords, coords.patch_size_level0, dims)
+    if outside:
+        log.warning("%s: %d of %d coords lie (partly) outside the slide's %dx%d level 0; "
+                    "those patches are read as black", Path(slide_file).name, outside,
+                    len(coords), *dims)  # fmt: skip
     cuda = str(device).startswith("cuda")
     batches = iter_patch_batches(
         slide_file,
@@ -172,9 +179,6 @@ def extract_features(cfg: ExtractConfig) -> RunSummary:
     with distributed_run(resolve_device(cfg.device)) as (device, info):
         feat_dir = Path(cfg.feat_dir)
         slide_ids = slide_ids_for(cfg)
-        if info.is_main:
-            feat_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, feat_dir / CONFIG_NAME)
         encoder = create_encoder(
             cfg.model,
             pretrained=cfg.pretrained,
@@ -183,6 +187,9 @@ def extract_features(cfg: ExtractConfig) -> RunSummary:
             init_seed=cfg.init_seed,
         )
         prepare_encoder(encoder, device)
+        if info.is_main:  # after the encoder: a run that cannot start leaves nothing behind
+            feat_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, feat_dir / CONFIG_NAME)
         local = RunSummary(stage="extract-features")
         outcomes = run_slide_job(
             shard(slide_ids, info),

@@ -147,6 +147,31 @@ def draw_folds(
         yield [int(i) for i in train], [int(i) for i in val], [int(i) for i in test]
 
 
+def _check_set_sizes(cfg: SplitConfig, unit_labels: np.ndarray, names: dict[int, str],
+                     fixed_test: bool) -> None:  # fmt: skip
+    """Refuse, before any draw, a dataset too small for its fractions: CLAM takes
+    ``round(n * frac)`` units per class, which is 0 for every class of a small CSV, and would
+    write an empty validation or test set in every fold without a word."""
+    counts = np.array([(unit_labels == c).sum() for c in names])
+    units = "cases" if cfg.patient_strat else "slides"
+    per_class = ", ".join(f"{n} {names[c]}" for c, n in zip(names, counts))
+    sets = [("val", cfg.val_frac)] + ([] if fixed_test else [("test", cfg.test_frac)])
+    for key, frac in sets:
+        if frac > 0 and not np.round(counts * frac).astype(int).any():
+            raise SplitError(
+                f"{cfg.csv_path}: {len(unit_labels)} {units} ({per_class}) are too few for "
+                f"--{key}-frac {frac}: round({units} per class x {frac}) is 0 for every class, "
+                f"so every fold's {key} set would be empty; use more {units} or a larger "
+                f"--{key}-frac (0 asks for no {key} set)"
+            )
+    n_val, n_test = (np.round(counts * f).astype(int) for f in (cfg.val_frac, cfg.test_frac))
+    if (counts - n_val - (0 if fixed_test else n_test) == 0).all():  # (< 0: draw_folds says so)
+        raise SplitError(
+            f"{cfg.csv_path}: {len(unit_labels)} {units} ({per_class}) leave no training "
+            f"{units} after --val-frac {cfg.val_frac} and --test-frac {cfg.test_frac}"
+        )
+
+
 def make_splits(cfg: SplitConfig) -> list[Path]:
     """Write ``splits_<i>.csv`` (+ ``_bool``, ``_descriptor``) for i < k and the config JSON."""
     if cfg.k < 1:
@@ -166,6 +191,7 @@ def make_splits(cfg: SplitConfig) -> list[Path]:
     slide_ids = df["slide_id"].to_numpy()
     labels = {s: names[i] for s, i in zip(slide_ids, df["label_index"])}
     canon_dict = {name: i for i, name in names.items()}
+    _check_set_sizes(cfg, unit_labels, names, fixed is not None)
     paths = []
     folds = draw_folds(
         unit_labels, len(names), cfg.k, cfg.val_frac, cfg.test_frac, cfg.label_frac, cfg.seed, fixed

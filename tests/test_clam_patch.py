@@ -355,3 +355,22 @@ def test_clam_task_errors_name_the_problem(tmp_path, monkeypatch):
         clam_task("camelyon16", csv_path=good)
     with pytest.raises(ClamTaskError, match="no pt_files"):
         clam_task("camelyon16", csv_path=good, data_root_dir=tmp_path)
+
+
+def test_patch_clam_says_when_pandas_will_break_clams_main(scratch, monkeypatch):
+    from importlib.metadata import version
+
+    from clam_mcmkd.clam import patch as clam_patch
+
+    assert clam_patch.installed_pandas() == version("pandas")
+    assert clam_patch.pandas_warning("2.2.3") is None and clam_patch.pandas_warning(None) is None
+    line = clam_patch.pandas_warning("3.0.1")
+    assert "\n" not in line and "pandas 3.0.1" in line and "main.py" in line
+    assert "pip install 'pandas<3'" in line and "future.infer_string" in line
+    args = ["patch-clam", str(scratch), "--patches-dir", str(PATCHES_DIR)]
+    monkeypatch.setattr(clam_patch, "installed_pandas", lambda: "3.0.1")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and line in result.output
+    monkeypatch.setattr(clam_patch, "installed_pandas", lambda: "2.2.3")
+    result = CliRunner().invoke(main, [*args, "--check"])
+    assert result.exit_code == 0 and "pandas" not in result.output

@@ -378,3 +378,54 @@ def test_encoder_matches_direct_forward(tiny_cohort):
     np.testing.assert_allclose(ours, batched, rtol=1e-4, atol=1e-5)
     cos = (ours * pil).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(pil, axis=1)
     assert cos.min() > 0.999  # PIL's chain rounds the resized image to uint8; we do not
+
+
+# ----------------------------------------------------------------------------- newcomer friction
+
+
+def test_slide_extension_is_found_or_named(tiny_cohort, tmp_path):
+    args = _cli_args(tiny_cohort, tmp_path / "found")
+    del args[args.index("--slide_ext") : args.index("--slide_ext") + 2]  # the default: detect
+    result = CliRunner().invoke(main, args)
+    assert "4 done, 0 skipped, 0 failed" in result.output, result.output
+    args = _cli_args(tiny_cohort, tmp_path / "named")
+    args[args.index("--slide_ext") + 1] = ".svs"
+    result = CliRunner().invoke(main, args)
+    assert "0 done, 0 skipped, 4 failed" in result.output, result.output
+    failed = json.loads((tmp_path / "named" / SUMMARY_NAME).read_text())["failed"]
+    assert "s0.svs: slide file does not exist" in failed["s0"] and "*.tif slides" in failed["s0"]
+
+
+def test_offline_pretrained_encoder_is_one_line_and_writes_nothing(
+    tiny_cohort, tmp_path, hub_offline
+):
+    args = _cli_args(tiny_cohort, tmp_path / "feats")
+    args.remove("--no-pretrained")  # CLAM's ImageNet ResNet-50 weights: not reachable here
+    args[args.index("--model") + 1] = "resnet50_trunc"
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "resnet50_trunc: cannot load pretrained weights" in error[0]
+    assert "--no-pretrained" in error[0] and "--ckpt PATH" in error[0]
+    assert not (tmp_path / "feats" / "extract_config.json").exists()
+
+
+def test_coords_outside_the_slide_are_counted_per_slide(tiny_cohort, tmp_path, caplog):
+    import logging
+
+    root = tmp_path / "outside"
+    shutil.copytree(tiny_cohort, root)
+    h5 = root / "coords" / "patches" / "s0.h5"
+    coords = formats.read_coords_h5(h5).coords
+    write_coords(
+        h5, root / "slides" / "s0.tif", np.concatenate([coords, [[650, 10], [10, 560]]]), 96
+    )
+    with caplog.at_level(logging.WARNING, logger="clam_mcmkd"):
+        result = CliRunner().invoke(main, _cli_args(root, tmp_path / "feats"))
+    assert "4 done" in result.output, result.output
+    warned = sorted(r.getMessage() for r in caplog.records if "outside the slide" in r.getMessage())
+    # s0: the two added rows; s3 (520 px wide): the fixture's grid has a 64 px margin for 96 px
+    # patches, so its right and bottom patches overhang the edge too (found by this warning)
+    assert len(warned) == 2
+    assert warned[0].startswith("s0.tif: 2 of 9 coords") and "700x600" in warned[0]
+    assert warned[1].startswith("s3.tif: 2 of 13 coords") and "520x520" in warned[1]

@@ -211,3 +211,31 @@ def test_cli_splits(tmp_path):
         main, ["splits", "--csv-path", str(csv), "--split-dir", str(out), "--label-dict", "{x"]
     )
     assert bad.exit_code != 0 and "not valid JSON" in bad.output
+
+
+def test_a_csv_too_small_for_its_fractions_is_refused_in_one_line(tmp_path):
+    """Six slides, three per class (the size of the test cohort), default fractions 0.1: CLAM's
+    round(3 x 0.1) is 0 for both classes, so every fold would have no val and no test slide."""
+    rows = [{"case_id": f"c{i}", "slide_id": f"s{i}", "label": ("normal", "tumor")[i % 2]}
+            for i in range(6)]  # fmt: skip
+    csv = formats.write_dataset_csv(tmp_path / "six.csv", rows)
+    result = CliRunner().invoke(main, ["splits", "--csv-path", str(csv), "--split-dir",
+                                       str(tmp_path / "s")])  # fmt: skip
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and str(csv) in error[0]
+    assert "6 slides (3 normal, 3 tumor) are too few for --val-frac 0.1" in error[0]
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
+    with pytest.raises(SplitError, match="too few for --test-frac 0.1"):
+        make_splits(SplitConfig(str(csv), str(tmp_path / "s"), k=2, val_frac=0.34))
+    with pytest.raises(SplitError, match="leave no training slides"):
+        make_splits(SplitConfig(str(csv), str(tmp_path / "s"), k=2, val_frac=0.34, test_frac=0.67))
+    # big enough (one val and one test slide per class): CLAM's draws, as before
+    paths = make_splits(SplitConfig(str(csv), str(tmp_path / "s"), k=2, val_frac=0.34,
+                                    test_frac=0.34))  # fmt: skip
+    assert len(paths) == 2
+    for split in _all_folds(tmp_path / "s", 2):
+        assert [len(split[key]) for key in KEYS] == [2, 2, 2]
+    val_frac_zero = make_splits(SplitConfig(str(csv), str(tmp_path / "z"), k=1, val_frac=0.0,
+                                            test_frac=0.34))  # fmt: skip
+    assert len(val_frac_zero) == 1  # 0 asks for no val set: that is not refused

@@ -318,6 +318,30 @@ class PatchRun:
         return out
 
 
+def installed_pandas() -> str | None:
+    """The pandas version of this environment (read from its metadata: pandas is not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pandas")
+    except PackageNotFoundError:
+        return None
+
+
+def pandas_warning(pandas_version: str | None) -> str | None:
+    """One line when CLAM's ``main.py`` will fail here: under pandas >= 3 its
+    ``dataset_generic.df_prep`` writes integer labels into a string column (TypeError: Invalid
+    value '0' for dtype 'str'); None otherwise."""
+    if not pandas_version or int(pandas_version.split(".")[0]) < 3:
+        return None
+    return (
+        f"note: pandas {pandas_version} is installed: CLAM's main.py fails under pandas >= 3 "
+        "(dataset_generic.py: TypeError: Invalid value '0' for dtype 'str'); in CLAM's "
+        "environment `pip install 'pandas<3'`, or run pandas.set_option('future.infer_string', "
+        "False) before CLAM reads its CSV (e.g. in a sitecustomize.py)"
+    )
+
+
 def patch_clam(
     clam_dir: str | os.PathLike,
     action: str = "apply",

@@ -19,11 +19,14 @@ def patch_clam_cmd(clam_dir: str, action: str | None, patches_dir: str | None) -
     Idempotent: a second run changes nothing. Refuses a directory that is not CLAM, or a CLAM
     whose files differ where the patches go (then nothing is changed).
     """
-    from ..clam.patch import CONFLICT, PatchError, patch_clam
+    from ..clam.patch import CONFLICT, PatchError, installed_pandas, pandas_warning, patch_clam
 
     run = patch_clam(clam_dir, action or "apply", patches_dir)
     for line in run.lines():
         click.echo(line)
+    warning = pandas_warning(installed_pandas())
+    if warning and action != "revert":
+        click.echo(warning, err=True)
     conflicts = [s for s in run.states if s.state == CONFLICT]
     if conflicts:
         raise PatchError(
