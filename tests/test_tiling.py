@@ -253,3 +253,37 @@ def test_cli_tile_with_aliases_and_exit_codes(small_cohort, tmp_path):
         main, ["tile", "--source", str(src), "--save-dir", str(out), "--mag", "20", "--mpp", "0.5"]
     )
     assert both.exit_code == 2
+
+
+def _previous_drop_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """The scipy code scikit-image replaced: 4-connected regions under min_area removed."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    keep = np.bincount(labels.ravel()) >= min_area
+    keep[0] = False
+    return keep[labels]
+
+
+def test_mask_clean_up_by_scikit_image_equals_the_previous_code():
+    import cv2
+    from scipy import ndimage
+
+    from clam_mcmkd.tissue import _clean_mask
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((40, 50), bool), np.ones((40, 50), bool)]
+    for i in range(12):
+        m = ndimage.binary_dilation(rng.random((90, 120)) < 0.03, iterations=i % 3)
+        masks.append(m | (rng.random(m.shape) < 0.06))
+    for mask in masks:
+        for patch_px in (8.0, 20.0, 40.0):
+            radius = max(1, int(round(patch_px / 16)))
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2)
+            closed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel).astype(bool)
+            min_area = max(4, int(patch_px * patch_px / 16))
+            closed = _previous_drop_small_regions(closed, min_area)
+            want = ~_previous_drop_small_regions(~closed, min_area)
+            np.testing.assert_array_equal(_clean_mask(mask, patch_px), want)
