@@ -1,18 +1,41 @@
-"""torchrun / DDP plumbing shared by extraction and fine-tuning.
+"""torchrun / DDP plumbing shared by extraction and fine-tuning; devices; sharding.
 
 Under ``torchrun`` the environment carries RANK / WORLD_SIZE / LOCAL_RANK; outside it we are a
 single process and every helper here degrades to a no-op.
+
+Every collective of the project goes through the helpers below (:func:`all_reduce_`,
+:func:`all_reduce_sums`, :func:`all_reduce_grads`, :func:`all_gather_object`, :func:`barrier`):
+they put the tensor on a device the process group's backend serves. NCCL serves only CUDA
+tensors ("No backend type associated with device type cpu" for a CPU tensor), so on GPUs the
+default group is created as ``cpu:gloo,cuda:nccl``; a group made by someone else without a CPU
+backend gets a gloo side group for CPU-side collectives.
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
+import logging
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from .utils import ClamMcmkdError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# A rank that finishes its slides early waits in a barrier for the slowest one; NCCL's default
+# (10 minutes) kills it long before a cohort of uneven slides is done.
+DEFAULT_TIMEOUT_S = 2 * 3600.0
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+class DeviceError(ClamMcmkdError):
+    """A --device that this machine cannot provide (no driver, no such GPU, bad name)."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +43,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -30,100 +54,300 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "cpu") -> DistInfo:
-    """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+def dist_info_from_env() -> DistInfo:
+    """The ranks torchrun announced (a single process when it did not)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
+    return DistInfo(
+        rank=int(os.environ["RANK"]),
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+@dataclass(frozen=True)
+class CudaProbe:
+    """What this machine's torch sees of CUDA (the facts check_device judges a --device by)."""
+
+    available: bool
+    device_count: int
+    reason: str = ""  # why CUDA is unusable, when it is
+
+    @classmethod
+    def probe(cls) -> CudaProbe:
+        import torch
+
+        if torch.version.cuda is None:
+            return cls(False, 0, f"torch {torch.__version__} is a CPU-only build")
+        if torch.cuda.is_available():
+            return cls(True, torch.cuda.device_count())
+        try:
+            torch.cuda.init()
+            reason = "no CUDA device visible"
+        except Exception as err:  # noqa: BLE001 - the driver's own words are the best reason
+            reason = str(err).split(". ")[0].rstrip(".")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            reason += f"; CUDA_VISIBLE_DEVICES={visible!r}"
+        return cls(False, 0, f"{reason} (torch {torch.__version__}, CUDA {torch.version.cuda})")
+
+
+def check_device(device: str, probe: CudaProbe | None = None) -> str:
+    """`device` unchanged if this machine has it; else one DeviceError line saying what it has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise DeviceError(f"--device {device}: not a device name ({err})") from None
+    if dev.type != "cuda":
+        return str(device)
+    probe = probe or CudaProbe.probe()
+    if not probe.available:
+        raise DeviceError(
+            f"--device {device} asked, but torch.cuda.is_available() is False: {probe.reason}. "
+            "Use --device cpu (or auto)."
+        )
+    if dev.index is not None and dev.index >= probe.device_count:
+        raise DeviceError(
+            f"--device {device} asked, but only {probe.device_count} CUDA device(s) are visible "
+            f"(indices 0-{probe.device_count - 1})"
+        )
+    return str(device)
+
+
+def rank_device(device: str, info: DistInfo, probe: CudaProbe | None = None) -> str:
+    """Under torchrun each rank takes its LOCAL_RANK's GPU, whatever index --device named."""
+    if not (info.enabled and str(device).startswith("cuda")):
+        return device
+    wanted = f"cuda:{info.local_rank}"
+    if device not in ("cuda", wanted) and info.local_rank == 0:
+        log.warning("--device %s under torchrun: each rank uses cuda:LOCAL_RANK", device)
+    return check_device(wanted, probe)
+
+
+# ----------------------------------------------------------------------------- process group
+
+
+def parse_timeout(text: str | float | int) -> float:
+    """Seconds from '7200', '90m', '2h', '1d' (a --dist-timeout value)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ClamMcmkdError(f"--dist-timeout {text!r}: expected seconds or e.g. 90m, 2h, 1d")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def process_group_backend(device: str) -> str:
+    """gloo on CPU; on CUDA NCCL for CUDA tensors *and* gloo for CPU ones (objects, sums)."""
+    return GPU_BACKEND if str(device).startswith("cuda") else "gloo"
+
+
+def init_kwargs(
+    device: str, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None
+) -> dict:
+    """Arguments for ``init_process_group``: backend, timeout and (CUDA) the rank's device_id."""
     import torch
     import torch.distributed as dist
 
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kwargs = {
+        "backend": backend or process_group_backend(device),
+        "timeout": timedelta(seconds=float(timeout_s)),
+    }
+    supported = inspect.signature(dist.init_process_group).parameters
+    if str(device).startswith("cuda") and "device_id" in supported:
+        kwargs["device_id"] = torch.device(device)  # binds NCCL to this rank's GPU, not GPU 0
+    return kwargs
+
+
+_CPU_GROUP: dict[str, object] = {}  # the gloo side group, when the default group lacks cpu
+
+
+def init_distributed(
+    device: str = "cpu", *, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None
+) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun.
+
+    `device` is the rank's device (see :func:`rank_device`); `backend` overrides the choice of
+    :func:`process_group_backend`.
+    """
+    info = dist_info_from_env()
+    if not info.enabled:
+        return info
+    import torch
+    import torch.distributed as dist
+
+    device = rank_device(device, info)
     if not dist.is_initialized():
-        backend = "nccl" if str(device).startswith("cuda") and torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+        if str(device).startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(**init_kwargs(device, timeout_s, backend))
+    _CPU_GROUP.clear()
+    if not _serves(None, "cpu"):
+        _CPU_GROUP["group"] = dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=float(timeout_s))
+        )
+    return info
 
 
-@contextlib.contextmanager
-def distributed_run(device: str) -> Iterator[tuple[str, DistInfo]]:
-    """The block runs in torchrun's process group (if launched by torchrun), and leaves it:
-    yields (this rank's device, DistInfo)."""
-    info = init_distributed(device)
-    try:
-        yield rank_device(device, info), info
-    finally:
-        cleanup(info)
+def _serves(group, device_type: str) -> bool:
+    import torch.distributed as dist
+
+    group = group or dist.group.WORLD
+    types = {d.type for d in group._device_types}
+    return not types or device_type in types  # no backend registered yet: torch picks lazily
 
 
-def rank_device(device: str, info: DistInfo) -> str:
-    """With several ranks on CUDA, each rank takes its LOCAL_RANK's GPU."""
-    if info.enabled and device == "cuda":
-        return f"cuda:{info.local_rank}"
-    return device
+def _placement(device):
+    """(group, device) for a collective on a tensor living on `device`."""
+    import torch
+
+    device = torch.device(device)
+    if _serves(None, device.type):
+        return None, device
+    if _serves(None, "cpu"):
+        return None, torch.device("cpu")
+    return _CPU_GROUP.get("group"), torch.device("cpu")
 
 
-def shard(items: Sequence[T], info: DistInfo) -> list[T]:
-    """Round-robin share of `items` for this rank (deterministic, disjoint, covering)."""
-    return list(items[info.rank :: info.world_size])
+def all_reduce_(tensor, info: DistInfo):
+    """Sum `tensor` over ranks in place (moved to a served device and back if need be)."""
+    if not info.enabled:
+        return tensor
+    import torch.distributed as dist
+
+    group, device = _placement(tensor.device)
+    work = tensor if tensor.device == device else tensor.to(device)
+    dist.all_reduce(work, group=group)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+def all_reduce_sums(values: Sequence[float], info: DistInfo) -> list[float]:
+    """Per-position sums over ranks of a few Python numbers (float64, exact for counts)."""
+    if not info.enabled:
+        return [float(v) for v in values]
+    import torch
+
+    return all_reduce_(torch.tensor(list(values), dtype=torch.float64), info).tolist()
+
+
+def all_reduce_grads(params: Sequence, info: DistInfo) -> None:
+    """Sum every parameter's gradient over ranks, one flat buffer per (device, dtype).
+
+    A parameter without a gradient on this rank contributes zeros, so every rank enters the
+    same collectives whatever its batch did.
+    """
+    if not info.enabled:
+        return
+    import torch
+
+    buckets: dict[tuple, list] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for _, grads in sorted(buckets.items(), key=lambda kv: str(kv[0])):
+        flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]), info)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (picklable), in rank order, through a CPU-serving group."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    group, _ = _placement("cpu")
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         import torch.distributed as dist
 
-        dist.barrier()
+        group, _ = _placement("cpu")
+        dist.barrier(group=group)
 
 
 def cleanup(info: DistInfo) -> None:
     if info.enabled:
         import torch.distributed as dist
 
+        _CPU_GROUP.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def gather_objects(obj: T, info: DistInfo) -> list[T]:
-    """Every rank's `obj` in rank order, on every rank (``[obj]`` outside torchrun)."""
-    if not info.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * info.world_size
-    dist.all_gather_object(parts, obj)
-    return parts
+# ----------------------------------------------------------------------------- sharding
 
 
-def all_reduce_sum(values: list[float], info: DistInfo, device: str = "cpu") -> list[float]:
-    """Element-wise sum over ranks (float64), as plain floats."""
-    if not info.enabled:
-        return values
-    import torch
-    import torch.distributed as dist
+def pack_by_size(sizes: Sequence[float], bins: int) -> list[list[int]]:
+    """Greedy largest-first bin packing of item indices into `bins` (LPT scheduling).
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    Deterministic (ties broken by index, then by bin), so every rank computes the same answer;
+    equal sizes give round-robin. Each bin lists its indices in ascending order.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    order = sorted(range(len(sizes)), key=lambda i: (-float(sizes[i]), i))
+    loads = [0.0] * bins
+    packed: list[list[int]] = [[] for _ in range(bins)]
+    for i in order:
+        b = min(range(bins), key=lambda k: (loads[k], k))
+        loads[b] += float(sizes[i])
+        packed[b].append(i)
+    return [sorted(p) for p in packed]
 
 
-def all_reduce_grads(params: list, info: DistInfo) -> None:
-    """Sum every parameter's gradient over ranks with one flat all-reduce (missing grads: 0)."""
-    if not info.enabled:
-        return
-    import torch
-    import torch.distributed as dist
+def shard_of(
+    items: Sequence[T], index: int, count: int, sizes: Sequence[float] | None = None
+) -> list[T]:
+    """Part `index` of `count` of `items`, balanced by `sizes` (e.g. patches per slide)."""
+    if not 0 <= index < count:
+        raise ClamMcmkdError(f"shard {index}/{count}: need 0 <= I < N")
+    if sizes is not None and len(sizes) != len(items):
+        raise ValueError(f"{len(sizes)} sizes for {len(items)} items")
+    weights = [1.0] * len(items) if sizes is None else sizes
+    return [items[i] for i in pack_by_size(weights, count)[index]]
 
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+
+def shard(items: Sequence[T], info: DistInfo, sizes: Sequence[float] | None = None) -> list[T]:
+    """This rank's share of `items` (deterministic, disjoint, covering), balanced by `sizes`."""
+    return shard_of(items, info.rank, info.world_size, sizes)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' (0-based I, as SLURM_ARRAY_TASK_ID with --array=0-(N-1)) -> (I, N)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match:
+        raise ClamMcmkdError(f"--shard {text!r}: expected I/N, e.g. 0/8")
+    index, count = int(match.group(1)), int(match.group(2))
+    if not 0 <= index < count:
+        raise ClamMcmkdError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def coords_patch_counts(paths: Sequence[str | os.PathLike]) -> list[int]:
+    """Rows of each coords h5 (0 for a file that cannot be read: it fails later, in its slot)."""
+    import h5py
+
+    counts = []
+    for path in paths:
+        try:
+            with h5py.File(Path(path), "r") as f:
+                counts.append(int(f["coords"].shape[0]))
+        except (OSError, KeyError):
+            counts.append(0)
+    return counts

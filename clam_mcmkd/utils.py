@@ -108,12 +108,15 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str | None) -> str:
-    """'auto' (or None) means CUDA when available, else CPU."""
+    """'auto' (or None) means CUDA when available, else CPU; a device this machine lacks is a
+    one-line error (``distributed.DeviceError``), not PyTorch's traceback."""
     if device in (None, "", "auto"):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    from .distributed import check_device
+
+    return check_device(device)
 
 
 @dataclasses.dataclass
