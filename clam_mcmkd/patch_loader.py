@@ -275,20 +275,34 @@ class PatchReader:
             return None  # OpenSlide would interpolate: let it
         return int(rx), int(ry)
 
-    def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray:
-        """One patch (P, P, 3) uint8, equal to ``read_region((x, y), level, (P, P))`` in RGB."""
-        size = self.patch_size
+    def read_region(
+        self, x: int, y: int, width: int, height: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(height, width, 3) uint8 at patch_level from level-0 (x, y): OpenSlide's
+        ``read_region((x, y), patch_level, (width, height))`` in RGB, through the tiles."""
         if self.level is not None:
             xy = self._level_xy(x, y)
             if xy is not None:
                 self.stats.fast_patches += 1
-                return self.level.read(xy[0], xy[1], size, size, out)
+                return self.level.read(xy[0], xy[1], width, height, out)
         self.stats.fallback_patches += 1
-        region = self.slide.read_region((int(x), int(y)), self.patch_level, (size, size))
+        region = self.slide.read_region((int(x), int(y)), self.patch_level, (width, height))
         if out is None:
             return region
         out[:] = region
         return out
+
+    def read(self, x: int, y: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One patch (P, P, 3) uint8, equal to ``read_region((x, y), level, (P, P))`` in RGB."""
+        return self.read_region(x, y, self.patch_size, self.patch_size, out)
+
+    def read_window(self, x: int, y: int, grid: int) -> np.ndarray:
+        """The g x g patches of the window at level-0 (x, y), read as ONE g*P region and cut:
+        (g^2, P, P, 3) in row-major positions (what MCM-KD's windows need)."""
+        p = self.patch_size
+        region = self.read_region(x, y, grid * p, grid * p)
+        patches = region.reshape(grid, p, grid, p, 3).transpose(0, 2, 1, 3, 4)
+        return np.ascontiguousarray(patches.reshape(grid * grid, p, p, 3))
 
     def read_batch(self, coords: np.ndarray) -> np.ndarray:
         """Patches for (N, 2) level-0 coords, in order: uint8 (N, P, P, 3)."""

@@ -1,0 +1,240 @@
+"""A whole cohort's patches through one pool of reading workers (the GPU-shaped data path).
+
+CLAM (and ``iter_patch_batches``) builds a DataLoader per slide: its workers fork, open the
+slide, read a few batches and die, and the model waits at every slide boundary. Here ONE
+DataLoader walks the whole cohort, batch by batch in slide order:
+
+- workers start once; each keeps its last few slides' readers (:class:`PatchReader`) and coords
+  open, so a slide is opened once per worker, not once per batch;
+- the loader's prefetch runs across slide boundaries: the next slide is opened and read while
+  the consumer drains the current one;
+- batches are handed over as uint8 ``(B, P, P, 3)`` (4x less to copy than float, resize and
+  normalise happen on the consumer's device), in pinned memory when asked (CUDA), so the
+  consumer's ``.to(device, non_blocking=True)`` is a true async copy;
+- a slide that cannot be read (missing file, bad coords h5, corrupt tile) yields ONE error
+  record and the rest of the cohort goes on.
+
+The stream is exact: for every slide it yields exactly the rows of its coords h5, in order, with
+the pixels :class:`PatchReader` (== OpenSlide) gives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .utils import ClamMcmkdError
+
+READERS_PER_WORKER = 2  # the slide being read and the next one
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to read: its id, image file and CLAM coords h5."""
+
+    slide_id: str
+    slide_path: str
+    coords_path: str
+
+
+@dataclass
+class PatchBatch:
+    """Rows [start, start + len) of one slide's coords, or that slide's error.
+
+    ``patches`` is uint8 (B, P, P, 3) (or whatever ``transform`` made of it), ``coords`` int64
+    (B, 2). After an error record no more records of that slide follow.
+    """
+
+    slide_id: str
+    start: int
+    n_patches: int  # rows of the slide's coords h5 (0 when it could not be read)
+    patches: object = None
+    coords: np.ndarray | None = None
+    error: str | None = None
+
+    @property
+    def last(self) -> bool:
+        """The slide's last record: its final batch or its error."""
+        return self.error is not None or self.start + len(self.coords) >= self.n_patches
+
+
+def default_num_workers(local_world_size: int = 1) -> int:
+    """Reading workers for one process: the cores this process may use, shared among the
+    ranks on the node, less one for the process itself (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size) - 1)
+
+
+def _coords_rows(path: str) -> tuple[int, str | None]:
+    """(rows, None), or (0, why) for a coords h5 that cannot be used."""
+    import h5py
+
+    p = Path(path)
+    if not p.is_file():
+        return 0, f"{p}: coords file does not exist"
+    try:
+        with h5py.File(p, "r") as f:
+            if "coords" not in f:
+                return 0, f"{p}: no 'coords' dataset"
+            rows = int(f["coords"].shape[0])
+    except OSError as err:
+        return 0, f"{p}: not a readable HDF5 file ({err})"
+    return (rows, None) if rows else (0, f"{p}: no patches in the coords file")
+
+
+class CohortPatchDataset:
+    """Map-style dataset over the cohort's batches: item u = (slide, first row) unit u.
+
+    Picklable recipe; readers and coords open lazily in whichever process reads, cached per
+    process (a DataLoader worker keeps its own).
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[SlideJob],
+        batch_size: int,
+        *,
+        fast: bool = True,
+        transform: Callable | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.jobs = list(jobs)
+        self.batch_size = int(batch_size)
+        self.fast = fast
+        self.transform = transform
+        self.rows: list[int] = []
+        self.units: list[tuple[int, int]] = []  # (job index, first row); row -1: an error unit
+        self.errors: dict[int, str] = {}
+        for j, job in enumerate(self.jobs):
+            rows, error = _coords_rows(job.coords_path)
+            self.rows.append(rows)
+            if error:
+                self.errors[j] = error
+                self.units.append((j, -1))
+            else:
+                self.units.extend((j, s) for s in range(0, rows, self.batch_size))
+        self._open: OrderedDict[int, tuple] = OrderedDict()  # job -> (reader, coords)
+        self._failed: dict[int, str] = {}
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def _slide(self, j: int):
+        if self._pid != os.getpid():  # a fresh worker: nothing inherited is ours
+            self._open, self._failed, self._pid = OrderedDict(), {}, os.getpid()
+        if j in self._open:
+            self._open.move_to_end(j)
+            return self._open[j]
+        from .clam_io import read_coords_h5
+        from .patch_loader import PatchReader
+
+        coords = read_coords_h5(self.jobs[j].coords_path)
+        reader = PatchReader(
+            self.jobs[j].slide_path, coords.patch_level, coords.patch_size, fast=self.fast
+        )
+        self._open[j] = (reader, coords.coords)
+        while len(self._open) > READERS_PER_WORKER:
+            self._open.popitem(last=False)[1][0].close()
+        return self._open[j]
+
+    def __getitem__(self, u: int) -> dict:
+        import torch
+
+        j, start = self.units[u]
+        if start < 0:
+            return {"job": j, "start": 0, "error": self.errors[j]}
+        if self._pid == os.getpid() and j in self._failed:
+            return {"job": j, "start": start, "error": self._failed[j]}
+        try:
+            reader, coords = self._slide(j)
+            rows = coords[start : start + self.batch_size]
+            patches = torch.from_numpy(reader.read_batch(rows))
+            if self.transform is not None:
+                patches = self.transform(patches)
+        except Exception as err:  # noqa: BLE001 - one bad slide must not stop the cohort
+            msg = str(err) if isinstance(err, ClamMcmkdError) else _name_file(self.jobs[j], err)
+            self._failed[j] = msg
+            return {"job": j, "start": start, "error": msg}
+        return {"job": j, "start": start, "patches": patches, "coords": rows}
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for reader, _ in self._open.values():
+                reader.close()
+        self._open.clear()
+
+    def __getstate__(self):  # workers get the recipe, never an open file
+        state = dict(self.__dict__)
+        state["_open"], state["_failed"], state["_pid"] = OrderedDict(), {}, None
+        return state
+
+
+def _name_file(job: SlideJob, err: BaseException) -> str:
+    return f"{job.slide_path}: {type(err).__name__}: {err}"
+
+
+def _as_is(item):
+    return item
+
+
+def iter_cohort_batches(
+    jobs: Sequence[SlideJob],
+    batch_size: int = 256,
+    *,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+    transform: Callable | None = None,
+    prefetch_factor: int = 2,
+    fast: bool = True,
+) -> Iterator[PatchBatch]:
+    """Every slide's patches as :class:`PatchBatch` records, slide after slide in `jobs` order.
+
+    ``num_workers`` reading processes for the whole cohort (None: :func:`default_num_workers`;
+    0: read in this process). ``transform`` runs in the readers on each uint8 tensor batch (on
+    CPU-only runs; leave it None when a GPU resizes). ``pin_memory``: page-locked batches for
+    ``non_blocking`` copies to CUDA.
+    """
+    dataset = CohortPatchDataset(jobs, batch_size, fast=fast, transform=transform)
+    if len(dataset) == 0:
+        return
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    if workers <= 0:
+        items = (dataset[u] for u in range(len(dataset)))
+    else:
+        from torch.utils.data import DataLoader
+
+        items = DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=min(workers, len(dataset)),
+            collate_fn=_as_is,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+        )
+    failed: set[int] = set()
+    try:
+        for item in items:
+            j = item["job"]
+            if j in failed:
+                continue
+            job = dataset.jobs[j]
+            if "error" in item:
+                failed.add(j)
+                yield PatchBatch(job.slide_id, item["start"], dataset.rows[j], error=item["error"])
+                continue
+            yield PatchBatch(
+                job.slide_id, item["start"], dataset.rows[j], item["patches"], item["coords"]
+            )
+    finally:
+        dataset.close()
