@@ -183,6 +183,13 @@ def _name_file(job: SlideJob, err: BaseException) -> str:
     return f"{job.slide_path}: {type(err).__name__}: {err}"
 
 
+def _preload_readers() -> None:
+    """Import the readers' libraries once here, so forked workers inherit them."""
+    import imagecodecs  # noqa: F401
+    import openslide  # noqa: F401
+    import tifffile  # noqa: F401
+
+
 def _as_is(item):
     return item
 
@@ -213,6 +220,7 @@ def iter_cohort_batches(
     else:
         from torch.utils.data import DataLoader
 
+        _preload_readers()
         items = DataLoader(
             dataset,
             batch_size=None,
