@@ -1,0 +1,44 @@
+"""`doctor` on this machine: versions, GPUs (or why none), and every CPU probe with a rate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from clam_mcmkd.doctor import run_doctor
+
+
+def test_doctor_runs_the_cpu_half_and_says_what_it_skipped(tmp_path):
+    report = run_doctor("cpu", workdir=tmp_path, quick=True)
+    rows = {(r.section, r.name): r for r in report.rows}
+    assert rows[("version", "torch")].value == torch.__version__.split("+")[0]
+    assert rows[("version", "libopenslide")].value
+    if not torch.cuda.is_available():
+        assert "torch.cuda.is_available() is False" in rows[("gpu", "none")].note
+    probes = [r for r in report.rows if r.section == "probe"]
+    names = [r.name for r in probes]
+    for expected in (
+        "loader",
+        "model",
+        "extraction",
+        "teacher fill",
+        "fine-tune step",
+        "all-reduce",
+    ):
+        assert any(n.startswith(expected) or expected in n for n in names), (expected, names)
+    for r in probes:
+        assert isinstance(r.value, float) and math.isfinite(r.value) and r.value > 0, r
+        assert r.unit and r.note
+    skipped = {r.name: r.note for r in report.rows if r.section == "skipped"}
+    assert "needs >= 2 GPUs" in skipped["2-rank NCCL all-reduce"]
+    assert skipped["2-rank fine-tune step"]
+    table = report.table()
+    assert (
+        all(r.name in table for r in report.rows)
+        and len(table.splitlines()) == len(report.rows) + 1
+    )
+    again = json.loads(report.to_json())
+    assert [r["name"] for r in again["rows"]] == [r.name for r in report.rows]
+    assert list(tmp_path.iterdir()) == []  # the probe slide is cleaned up
