@@ -4,7 +4,7 @@ Under ``torchrun`` the environment carries RANK / WORLD_SIZE / LOCAL_RANK; outsi
 single process and every helper here degrades to a no-op.
 
 Every collective of the project goes through the helpers below (:func:`all_reduce_`,
-:func:`all_reduce_sums`, :func:`all_reduce_grads`, :func:`all_gather_object`, :func:`barrier`):
+:func:`all_reduce_sum`, :func:`all_reduce_grads`, :func:`gather_objects`, :func:`barrier`):
 they put the tensor on a device the process group's backend serves. NCCL serves only CUDA
 tensors ("No backend type associated with device type cpu" for a CPU tensor), so on GPUs the
 default group is created as ``cpu:gloo,cuda:nccl``; a group made by someone else without a CPU
@@ -13,11 +13,12 @@ backend gets a gloo side group for CPU-side collectives.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -195,6 +196,19 @@ def init_distributed(
     return info
 
 
+@contextlib.contextmanager
+def distributed_run(
+    device: str, *, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> Iterator[tuple[str, DistInfo]]:
+    """The block runs in torchrun's process group (if launched by torchrun), and leaves it:
+    yields (this rank's device, DistInfo)."""
+    info = init_distributed(device, timeout_s=timeout_s)
+    try:
+        yield rank_device(device, info), info
+    finally:
+        cleanup(info)
+
+
 def _serves(group, device_type: str) -> bool:
     import torch.distributed as dist
 
@@ -229,7 +243,7 @@ def all_reduce_(tensor, info: DistInfo):
     return tensor
 
 
-def all_reduce_sums(values: Sequence[float], info: DistInfo) -> list[float]:
+def all_reduce_sum(values: Sequence[float], info: DistInfo) -> list[float]:
     """Per-position sums over ranks of a few Python numbers (float64, exact for counts)."""
     if not info.enabled:
         return [float(v) for v in values]
@@ -261,7 +275,7 @@ def all_reduce_grads(params: Sequence, info: DistInfo) -> None:
             offset += g.numel()
 
 
-def all_gather_object(obj, info: DistInfo) -> list:
+def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's `obj` (picklable), in rank order, through a CPU-serving group."""
     if not info.enabled:
         return [obj]

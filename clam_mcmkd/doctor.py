@@ -288,7 +288,7 @@ def _allreduce_rank(rank: int, port: int, device: str, numel: int, out_dir: str)
     dev = du.rank_device(device, info)
     grads = torch.ones(numel, dtype=torch.float32, device=dev)
     seconds = timed_rate(lambda: du.all_reduce_(grads, info), 1, 1.0, dev, max_calls=50)
-    ranks = du.all_reduce_sums([1.0], info)[0]  # the CPU-side path, on the same group
+    ranks = du.all_reduce_sum([1.0], info)[0]  # the CPU-side path, on the same group
     du.barrier(info)
     du.cleanup(info)
     Path(out_dir, f"rank{rank}.json").write_text(

@@ -64,8 +64,8 @@ def _collectives(rank, backend):
         out["old_path"] = "ok"
     except RuntimeError as err:
         out["old_path"] = str(err)
-    out["sums"] = du.all_reduce_sums([rank + 1.0, 10.0 * rank, 3], info)
-    out["objects"] = du.all_gather_object({"rank": rank, "slides": [f"s{rank}"]}, info)
+    out["sums"] = du.all_reduce_sum([rank + 1.0, 10.0 * rank, 3], info)
+    out["objects"] = du.gather_objects({"rank": rank, "slides": [f"s{rank}"]}, info)
     layer = torch.nn.Linear(3, 2)
     with torch.no_grad():
         layer.weight.fill_(rank + 1.0)
@@ -103,12 +103,14 @@ def test_gpu_group_spec_serves_cpu_and_cuda(tmp_path):
 
 def test_helpers_are_identities_in_one_process():
     info = DistInfo()
-    assert du.all_reduce_sums([1, 2.5], info) == [1.0, 2.5]
-    assert du.all_gather_object("x", info) == ["x"]
+    assert du.all_reduce_sum([1, 2.5], info) == [1.0, 2.5]
+    assert du.gather_objects("x", info) == ["x"]
     t = torch.ones(2)
     assert du.all_reduce_(t, info) is t
     du.barrier(info)
     assert du.init_distributed("cpu") == DistInfo()  # not under torchrun
+    with du.distributed_run("cpu") as (device, info):
+        assert device == "cpu" and not info.enabled
 
 
 # ----------------------------------------------------------------------------- defect 4
@@ -143,11 +145,10 @@ def test_dist_timeout_reaches_the_process_group(tmp_path):
 
 
 def _my_shard(rank, items, sizes):
-    info = du.init_distributed("cpu", timeout_s=30)
-    mine = du.shard(items, info, sizes)
-    everyone = du.all_gather_object(mine, info)
-    du.cleanup(info)
-    return {"mine": mine, "everyone": everyone}
+    with du.distributed_run("cpu", timeout_s=30) as (device, info):
+        mine = du.shard(items, info, sizes)
+        everyone = du.gather_objects(mine, info)
+    return {"mine": mine, "everyone": everyone, "device": device, "left": dist.is_initialized()}
 
 
 def test_shard_by_patch_count_balances_ranks(tmp_path):
@@ -155,6 +156,7 @@ def test_shard_by_patch_count_balances_ranks(tmp_path):
     sizes = [5000, 40, 4800, 60, 100, 90, 120]  # round-robin: 9990 vs 220 patches
     ranks = run_two_ranks("_my_shard", tmp_path, items=items, sizes=sizes)
     assert ranks[0]["everyone"] == ranks[1]["everyone"]  # same answer on every rank
+    assert [(r["device"], r["left"]) for r in ranks] == [("cpu", False)] * 2
     parts = ranks[0]["everyone"]
     assert sorted(parts[0] + parts[1]) == items  # disjoint and covering
     loads = [sum(sizes[items.index(s)] for s in part) for part in parts]
