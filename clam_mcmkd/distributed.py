@@ -24,7 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from .utils import ClamMcmkdError
+from .utils import ClamMcmkdError, CudaProbe, check_device
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 # (10 minutes) kills it long before a cohort of uneven slides is done.
 DEFAULT_TIMEOUT_S = 2 * 3600.0
 GPU_BACKEND = "cpu:gloo,cuda:nccl"
-
-
-class DeviceError(ClamMcmkdError):
-    """A --device that this machine cannot provide (no driver, no such GPU, bad name)."""
 
 
 @dataclass(frozen=True)
@@ -69,57 +65,6 @@ def dist_info_from_env() -> DistInfo:
 
 
 # ----------------------------------------------------------------------------- devices
-
-
-@dataclass(frozen=True)
-class CudaProbe:
-    """What this machine's torch sees of CUDA (the facts check_device judges a --device by)."""
-
-    available: bool
-    device_count: int
-    reason: str = ""  # why CUDA is unusable, when it is
-
-    @classmethod
-    def probe(cls) -> CudaProbe:
-        import torch
-
-        if torch.version.cuda is None:
-            return cls(False, 0, f"torch {torch.__version__} is a CPU-only build")
-        if torch.cuda.is_available():
-            return cls(True, torch.cuda.device_count())
-        try:
-            torch.cuda.init()
-            reason = "no CUDA device visible"
-        except Exception as err:  # noqa: BLE001 - the driver's own words are the best reason
-            reason = str(err).split(". ")[0].rstrip(".")
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            reason += f"; CUDA_VISIBLE_DEVICES={visible!r}"
-        return cls(False, 0, f"{reason} (torch {torch.__version__}, CUDA {torch.version.cuda})")
-
-
-def check_device(device: str, probe: CudaProbe | None = None) -> str:
-    """`device` unchanged if this machine has it; else one DeviceError line saying what it has."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise DeviceError(f"--device {device}: not a device name ({err})") from None
-    if dev.type != "cuda":
-        return str(device)
-    probe = probe or CudaProbe.probe()
-    if not probe.available:
-        raise DeviceError(
-            f"--device {device} asked, but torch.cuda.is_available() is False: {probe.reason}. "
-            "Use --device cpu (or auto)."
-        )
-    if dev.index is not None and dev.index >= probe.device_count:
-        raise DeviceError(
-            f"--device {device} asked, but only {probe.device_count} CUDA device(s) are visible "
-            f"(indices 0-{probe.device_count - 1})"
-        )
-    return str(device)
 
 
 def rank_device(device: str, info: DistInfo, probe: CudaProbe | None = None) -> str:

@@ -108,7 +108,7 @@ def add_gpus(report: DoctorReport) -> int:
     """One row per visible GPU; returns how many."""
     import torch
 
-    from .distributed import CudaProbe
+    from .utils import CudaProbe
 
     probe = CudaProbe.probe()
     if not probe.available:

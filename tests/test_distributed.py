@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 from click.testing import CliRunner
 
 from clam_mcmkd import distributed as du
-from clam_mcmkd.distributed import CudaProbe, DeviceError, DistInfo
+from clam_mcmkd.distributed import DistInfo
+from clam_mcmkd.utils import CudaProbe, DeviceError, check_device
 
 NCCL_REFUSAL = "No backend type associated with device type cpu"
 
@@ -220,13 +221,13 @@ def test_each_rank_takes_its_local_gpu():
 def test_unusable_cuda_device_is_one_clear_error():
     none = CudaProbe(False, 0, "Found no NVIDIA driver on your system")
     with pytest.raises(DeviceError, match=r"--device cuda asked, but torch.cuda.is_available"):
-        du.check_device("cuda", none)
+        check_device("cuda", none)
     with pytest.raises(DeviceError, match=r"cuda:2 asked, but only 2 CUDA device\(s\)"):
-        du.check_device("cuda:2", CudaProbe(True, 2))
-    assert du.check_device("cuda:1", CudaProbe(True, 2)) == "cuda:1"
-    assert du.check_device("cpu", none) == "cpu"
+        check_device("cuda:2", CudaProbe(True, 2))
+    assert check_device("cuda:1", CudaProbe(True, 2)) == "cuda:1"
+    assert check_device("cpu", none) == "cpu"
     with pytest.raises(DeviceError, match="--device gpu: not a device name"):
-        du.check_device("gpu")
+        check_device("gpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -234,7 +235,7 @@ def test_cuda_on_this_machine_names_what_was_found(tmp_path):
     probe = CudaProbe.probe()
     assert not probe.available and probe.reason
     with pytest.raises(DeviceError) as err:
-        du.check_device("cuda:0")
+        check_device("cuda:0")
     assert "\n" not in str(err.value) and probe.reason in str(err.value)
     from clam_mcmkd.cli import main
 
