@@ -24,9 +24,9 @@ PACKAGES = ("torch", "torchvision", "timm", "tiatoolbox", "openslide-python", "t
 
 def _project() -> SimpleNamespace:
     """The project pieces the probes use, imported in ONE place (several are being moved)."""
-    from .clam_io import write_coords_h5
+    from .clam.formats import write_coords_h5
     from .encoders import create_encoder
-    from .features import encode_batch, prepare_encoder
+    from .encoders.forward import encode_batch, prepare_encoder
     from .mcmkd.predictor import ContextPredictor
 
     return SimpleNamespace(

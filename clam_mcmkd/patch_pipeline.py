@@ -135,7 +135,7 @@ class CohortPatchDataset:
         if j in self._open:
             self._open.move_to_end(j)
             return self._open[j]
-        from .clam_io import read_coords_h5
+        from .clam.formats import read_coords_h5
         from .patch_loader import PatchReader
 
         coords = read_coords_h5(self.jobs[j].coords_path)

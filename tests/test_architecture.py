@@ -20,12 +20,22 @@ HEAVY = ("torch", "timm", "tiatoolbox")
 
 # What each part of the package may import from the rest of it (docs/architecture.md).
 # A part is a subpackage or a top-level module; importing from within the same part is free.
-STAGES = {"slides", "tissue", "tiling", "patch_loader", "features", "splits", "cohort", "heatmap"}
+STAGES = {
+    "slides",
+    "tissue",
+    "tiling",
+    "patch_loader",
+    "patch_pipeline",
+    "features",
+    "splits",
+    "cohort",
+    "heatmap",
+}
 CORE = {"utils", "jobs", "distributed", "clam", "encoders"}
 ALLOWED = {
     "__init__": {"utils"},
     "utils": set(),
-    "distributed": set(),
+    "distributed": {"utils"},
     "jobs": {"utils"},
     "encoders": {"utils"},
     "clam": {"utils", "encoders"},
@@ -33,6 +43,7 @@ ALLOWED = {
     "slides": {"utils", "clam"},
     "tissue": {"utils"},
     "patch_loader": {"utils", "clam", "slides"},
+    "patch_pipeline": {"utils", "clam", "slides", "patch_loader"},
     "tiling": {"utils", "jobs", "clam", "slides", "tissue"},
     "cohort": {"utils", "clam"},
     "splits": {"utils", "clam"},
@@ -40,6 +51,7 @@ ALLOWED = {
     "heatmap": {"utils", "jobs", "clam", "encoders", "slides", "splits", "mil"},
     "mcmkd": CORE | {"slides"},
     "mil": {"utils", "clam", "encoders", "splits"},
+    "doctor": CORE | STAGES | {"mcmkd"},
     "benchmark": CORE | STAGES | {"mcmkd", "mil"},
     "cli": CORE | STAGES | {"mcmkd", "mil", "benchmark", "__init__"},
 }

@@ -13,7 +13,7 @@ import tifffile
 import torch
 from test_features import assert_same_pixels, openslide_patches, write_coords, write_pyramid_tiff
 
-from clam_mcmkd import clam_io
+from clam_mcmkd.clam import formats as clam_io
 from clam_mcmkd.encoders import PatchTransforms
 from clam_mcmkd.mcmkd.windows import read_window, slide_windows
 from clam_mcmkd.patch_loader import PatchReader

@@ -149,7 +149,7 @@ def train_step(
     lrs = [g["lr"] for g in learner.optimizer.param_groups]
     learner.optimizer.step()
     learner.scheduler.step()
-    (loss_total,) = all_reduce_sum([loss_sum], info, "cpu")
+    (loss_total,) = all_reduce_sum([loss_sum], info)
     return loss_total, lrs
 
 
@@ -188,7 +188,7 @@ def evaluate(
         sums[0] += cos.sum().item()
         sums[1] += cos_mean.sum().item()
         sums[2] += float(m.sum().item())
-    sums = all_reduce_sum(sums, info, device)
+    sums = all_reduce_sum(sums, info)
     if was_training[0]:
         set_student_mode(student, cfg.freeze_bn)
     predictor.train(was_training[1])

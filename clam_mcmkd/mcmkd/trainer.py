@@ -132,7 +132,7 @@ def teacher_targets(
                        precision=cfg.precision)  # fmt: skip
     built.clear()  # the teacher is not needed any more: free its memory
     barrier(info)
-    stats = dict(zip(stats, all_reduce_sum([float(v) for v in stats.values()], info, "cpu")))
+    stats = dict(zip(stats, all_reduce_sum([float(v) for v in stats.values()], info)))
     reader = CacheReader(cache, plan.slides, needed)
     dim, mean, std = teacher_stats(reader, plan.slides, windows_by_slide(plan.train), cfg.grid)
     return TeacherTargets(reader, dim, mean, std, stats, cache_dir)
