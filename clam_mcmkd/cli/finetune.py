@@ -10,7 +10,13 @@ import click
 from ..mcmkd.config import FinetuneConfig
 from ..mcmkd.losses import LOSSES
 from ..mcmkd.masking import MASK_STRATEGIES
-from .options import config_option, device_option, option, precision_option
+from .options import (
+    config_option,
+    device_option,
+    dist_timeout_option,
+    option,
+    precision_option,
+)
 
 
 def _opt(field: str, *names: str, **kwargs):
@@ -64,6 +70,7 @@ def _opt(field: str, *names: str, **kwargs):
 @option("--no-pretrained", is_flag=True, help="Random (seeded) weights: builds models offline.")
 @device_option(FinetuneConfig)
 @precision_option(FinetuneConfig)
+@dist_timeout_option(FinetuneConfig)
 @_opt("seed")
 @option("--out", required=True, help="Output checkpoint, e.g. mcmkd_resnet50.pt.")
 def finetune_cmd(**kw) -> None:

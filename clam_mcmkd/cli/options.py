@@ -42,6 +42,14 @@ def precision_option(cls: type):
     )
 
 
+def dist_timeout_option(cls: type):
+    return config_option(
+        cls,
+        "dist_timeout",
+        help="Under torchrun: how long a rank waits for the others (seconds, or 90m, 2h, 1d).",
+    )
+
+
 def label_dict_option():
     return option(
         "--label-dict",

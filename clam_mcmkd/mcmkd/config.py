@@ -64,6 +64,7 @@ class FinetuneConfig:
     stop_after_steps: int | None = None  # stop cleanly (resumable) after this many steps
     device: str = "auto"
     precision: str = "auto"  # autocast on CUDA (auto: bf16); the CPU runs float32
+    dist_timeout: str = "2h"  # torchrun: how long a rank waits for the others in a collective
     seed: int = 0
     progress: bool = True
 
@@ -100,6 +101,7 @@ def teacher_cache_dir(cfg: FinetuneConfig) -> Path:
 
 def validate_config(cfg: FinetuneConfig) -> None:
     """Every option checked before any slide is read or model built."""
+    from ..distributed import parse_timeout
     from ..encoders import STUDENT_ARCHS, EncoderError
     from ..encoders.forward import autocast_dtype
     from .losses import LOSSES
@@ -125,6 +127,7 @@ def validate_config(cfg: FinetuneConfig) -> None:
     if cfg.teacher_ckpt is not None and not Path(cfg.teacher_ckpt).is_file():
         raise EncoderError(f"{cfg.teacher_ckpt}: teacher checkpoint does not exist")
     autocast_dtype("cpu", cfg.precision)
+    parse_timeout(cfg.dist_timeout)
 
 
 def _check_teacher_name(name: str) -> None:
