@@ -4,7 +4,8 @@ Under ``torchrun`` the environment carries RANK / WORLD_SIZE / LOCAL_RANK; outsi
 single process and every helper here degrades to a no-op.
 
 Every collective of the project goes through the helpers below (:func:`all_reduce_`,
-:func:`all_reduce_sum`, :func:`all_reduce_grads`, :func:`gather_objects`, :func:`barrier`):
+:func:`all_reduce_sum`, :func:`all_reduce_grads`, :func:`all_reduce_mean_`, :func:`gather_objects`,
+:func:`barrier`):
 they put the tensor on a device the process group's backend serves. NCCL serves only CUDA
 tensors ("No backend type associated with device type cpu" for a CPU tensor), so on GPUs the
 default group is created as ``cpu:gloo,cuda:nccl``; a group made by someone else without a CPU
@@ -207,17 +208,33 @@ def all_reduce_grads(params: Sequence, info: DistInfo) -> None:
         return
     import torch
 
-    buckets: dict[tuple, list] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-    for _, grads in sorted(buckets.items(), key=lambda kv: str(kv[0])):
-        flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]), info)
+    _all_reduce_flat([p.grad for p in params], info)
+
+
+def all_reduce_mean_(tensors: Sequence, info: DistInfo) -> None:
+    """Average tensors over ranks in place (e.g. BatchNorm running statistics)."""
+    if info.enabled:
+        for t in _all_reduce_flat(tensors, info):
+            t.div_(info.world_size)
+
+
+def _all_reduce_flat(tensors: Sequence, info: DistInfo) -> list:
+    """Sum tensors over ranks in place, one flat buffer per (device, dtype); returns them."""
+    import torch
+
+    buckets: dict[tuple, list] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    for _, group in sorted(buckets.items(), key=lambda kv: str(kv[0])):
+        flat = all_reduce_(torch.cat([t.reshape(-1) for t in group]), info)
         offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return list(tensors)
 
 
 def gather_objects(obj, info: DistInfo) -> list:

@@ -33,21 +33,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, fn_name, out_dir, port, kwargs):
+def _rank_main(rank, fn, out_dir, port, kwargs):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
-    result = globals()[fn_name](rank, **kwargs)
+    result = (globals()[fn] if isinstance(fn, str) else fn)(rank, **kwargs)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_two_ranks(fn_name: str, tmp_path: Path, **kwargs) -> list:
-    """Run module function `fn_name(rank, **kwargs)` in 2 forked ranks; their JSON results."""
+def run_two_ranks(fn, tmp_path: Path, **kwargs) -> list:
+    """Run `fn(rank, **kwargs)` (a function, or the name of one here) in 2 forked ranks, as
+    torchrun would (RANK, WORLD_SIZE, ... set); their JSON results."""
     mp.start_processes(
         _rank_main,
-        args=(fn_name, str(tmp_path), _free_port(), kwargs),
+        args=(fn, str(tmp_path), _free_port(), kwargs),
         nprocs=2,
         start_method="fork",
     )
@@ -76,6 +77,9 @@ def _collectives(rank, backend):
     out["bias_grad"] = layer.bias.grad.tolist()
     t = torch.arange(4.0) * (rank + 1)
     out["tensor"] = du.all_reduce_(t, info).tolist()
+    stats = [torch.full((2,), 2.0 * rank), torch.full((3,), 4.0 * rank + 1, dtype=torch.float64)]
+    du.all_reduce_mean_(stats, info)  # e.g. BatchNorm running statistics: the ranks' mean
+    out["means"] = [s.tolist() for s in stats]
     du.barrier(info)
     du.cleanup(info)
     return out
@@ -90,6 +94,7 @@ def test_cpu_collectives_on_a_group_that_refuses_cpu_tensors(tmp_path):
         assert out["objects"] == [{"rank": 0, "slides": ["s0"]}, {"rank": 1, "slides": ["s1"]}]
         assert out["weight_grad"] == [3.0] and out["bias_grad"] == [0.0, 0.0]
         assert out["tensor"] == [0.0, 3.0, 6.0, 9.0]
+        assert out["means"] == [[1.0, 1.0], [3.0, 3.0, 3.0]]
 
 
 def test_gpu_group_spec_serves_cpu_and_cuda(tmp_path):

@@ -363,6 +363,81 @@ def test_ddp_two_ranks_match_one_process(cohort_reference, tmp_path):
     assert m_ddp["val_cosine_after"] == pytest.approx(m_ref["val_cosine_after"], abs=1e-4)
 
 
+def _finetune_rank(rank, cfg: dict, nccl_shaped: bool) -> dict:
+    """One torchrun-like rank of `finetune`, counting the training forwards it runs.
+
+    nccl_shaped: the process group serves only CUDA tensors (as NCCL does), so any collective
+    the trainer makes on a CPU tensor outside distributed.py's helpers fails."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from clam_mcmkd.mcmkd import steps
+
+    if nccl_shaped:
+        dist.init_process_group("cuda:gloo", timeout=timedelta(seconds=120))
+    forwards = []
+    real = steps.forward_windows
+
+    def counting(learner, batch, *args):
+        if learner.student.training:
+            forwards.append(int(batch["patches"].shape[0]))
+        return real(learner, batch, *args)
+
+    steps.forward_windows = counting
+    finetune(FinetuneConfig(**cfg))
+    return {"forwards": forwards}
+
+
+def test_ragged_last_step_every_rank_runs_every_micro_batch(cohort_reference, tmp_path):
+    """13 windows, 4 per step, 2 micro-batches: the last step has 1 window, so rank 1 has none
+    in it. Both ranks must still run both micro-batches (SyncBatchNorm and any collective inside
+    a forward hang otherwise), on a group shaped like NCCL's, and match one process."""
+    from dataclasses import asdict
+
+    from test_distributed import run_two_ranks
+
+    cfg = replace(
+        cohort_reference, out=str(tmp_path / "one.pt"), max_windows=13, epochs=1, grad_accum=2
+    )
+    finetune(cfg)
+    ddp = replace(cfg, out=str(tmp_path / "ddp.pt"))
+    ranks = run_two_ranks(_finetune_rank, tmp_path, cfg=asdict(ddp), nccl_shaped=True)
+    assert ranks[0]["forwards"] == [1, 1, 1, 1, 1, 1, 1, 0]
+    assert ranks[1]["forwards"] == [1, 1, 1, 1, 1, 1, 0, 0]
+    ref, two = _student_state(cfg.out), _student_state(ddp.out)
+    init = create_encoder("resnet18_trunc", pretrained=False).model.state_dict()
+    assert sum(not torch.equal(ref[k], init[k]) for k in ref) > 10
+    for k in ref:
+        torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_no_freeze_bn_under_torchrun_finishes(cohort_reference, tmp_path):
+    """--no-freeze-bn with 2 ranks and a ragged last step: no crash (SyncBatchNorm only on
+    CUDA), no hang (every rank runs every micro-batch); BatchNorm statistics did update."""
+    cfg = cohort_reference
+    out = tmp_path / "bn.pt"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "clam_mcmkd.cli",
+        "finetune", "--data-h5-dir", cfg.data_h5_dir, "--data-slide-dir", cfg.data_slide_dir,
+        "--csv-path", cfg.csv_path, "--slide-ext", ".tif", "--teacher", "resnet18",
+        "--teacher-input-size", "64", "--student", "resnet18_trunc", "--input-size", "64",
+        "--no-pretrained", "--grid", "2", "--batch-size", "4", "--grad-accum", "2",
+        "--predictor-width", "64", "--max-windows", "13", "--val-frac", "0.2",
+        "--max-val-windows", "8", "--teacher-cache", cfg.teacher_cache, "--out", str(out),
+        "--device", "cpu", "--no-freeze-bn", "--dist-timeout", "5m",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", CLAM_MCMKD_NO_PROGRESS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = _student_state(out)
+    init = create_encoder("resnet18_trunc", pretrained=False).model.state_dict()
+    stats = [k for k in state if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(state[k], init[k]) for k in stats)
+    assert all(torch.isfinite(state[k]).all() for k in state if state[k].is_floating_point())
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -56,8 +56,11 @@ def mcmkd_loss_sums(
     The training loss is ``masked_sum / n_masked + visible_weight * visible_sum / n_visible``
     with the counts taken over the whole optimizer step (all ranks, all micro-batches).
     """
+    import torch
+
     per_pos = position_losses(pred, target, loss)
-    return per_pos[mask].sum(), per_pos[~mask].sum()
+    # where, not per_pos[mask]: boolean indexing would wait for the GPU to count the mask
+    return torch.where(mask, per_pos, 0.0).sum(), torch.where(mask, 0.0, per_pos).sum()
 
 
 class TargetStandardizer:

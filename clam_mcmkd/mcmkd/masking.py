@@ -61,10 +61,10 @@ def make_mask(grid: int, ratio: float, strategy: str, rng: np.random.Generator) 
 def window_masks(
     indices: np.ndarray, grid: int, ratio: float, strategy: str, seed: int, epoch: int
 ) -> np.ndarray:
-    """Masks (B, g^2) for windows identified by their global index in the epoch's window list."""
-    return np.stack(
-        [
-            make_mask(grid, ratio, strategy, np.random.default_rng([seed, epoch, int(i), 0x3A5C]))
-            for i in np.asarray(indices).ravel()
-        ]
-    )
+    """Masks (B, g^2) for windows identified by their global index in the epoch's window list
+    (B may be 0: a rank with no window in a micro-batch)."""
+    masks = [
+        make_mask(grid, ratio, strategy, np.random.default_rng([seed, epoch, int(i), 0x3A5C]))
+        for i in np.asarray(indices).ravel()
+    ]
+    return np.stack(masks) if masks else np.zeros((0, grid * grid), dtype=bool)

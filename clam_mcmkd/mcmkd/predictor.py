@@ -66,10 +66,12 @@ class ContextPredictor(nn.Module):
         """visible_tokens (B, n_vis, Ds) in row-major order of the visible positions,
         mask (B, g^2) bool -> predictions (B, g^2, Dt) at every position."""
         b, n_pos = mask.shape
-        x = self.mask_token.to(visible_tokens.dtype).expand(b, n_pos, -1).clone()
         proj = self.proj(visible_tokens)
-        x = x.to(proj.dtype)
-        x[~mask] = proj.reshape(-1, proj.shape[-1])
+        # the visible positions of each window in row-major order: a stable sort puts the
+        # unmasked (0) ones first. On the device, with no boolean indexing (no host sync).
+        visible = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, : proj.shape[1]]
+        x = self.mask_token.to(proj.dtype).expand(b, n_pos, -1)
+        x = x.scatter(1, visible.unsqueeze(-1).expand(-1, -1, proj.shape[-1]), proj)
         x = x + self.position_embedding().to(x.dtype)
         x = self.blocks(x)
         return self.head(self.norm(x))

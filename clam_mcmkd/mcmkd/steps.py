@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..distributed import DistInfo, all_reduce_grads, all_reduce_sum
+from ..distributed import DistInfo, all_reduce_, all_reduce_grads, all_reduce_mean_
 from ..encoders import PatchTransforms
 from ..encoders.forward import autocast, model_input
 from .config import FinetuneConfig
@@ -38,6 +38,7 @@ class Learner:
     standardizer: TargetStandardizer
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    average_bn: bool = False  # unfrozen BatchNorm without SyncBatchNorm (CPU ranks)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -66,7 +67,7 @@ class Batches:
         return epoch, len(chunk), [m[self.info.rank :: self.info.world_size] for m in micro]
 
 
-def make_loader(dataset, index_lists, num_workers: int):
+def make_loader(dataset, index_lists, num_workers: int, pin_memory: bool = False):
     """One loader over the given batches, in order (reading workers prefetch across steps)."""
     lists = [list(map(int, ix)) for ix in index_lists if len(ix)]
     return torch.utils.data.DataLoader(
@@ -74,8 +75,23 @@ def make_loader(dataset, index_lists, num_workers: int):
         batch_sampler=lists,
         num_workers=num_workers,
         persistent_workers=False,
-        pin_memory=False,
+        pin_memory=pin_memory,
     )
+
+
+def micro_batch_stream(loader, index_lists, empty: dict):
+    """One batch per micro-batch, in order: the loader's for a rank's windows, `empty` (0
+    windows) where the rank has none, so every rank runs every forward and collective."""
+    for ix in index_lists:
+        yield next(loader) if len(ix) else empty
+
+
+def empty_batch(patch_size: int, grid: int, teacher_dim: int) -> dict:
+    """A micro-batch of 0 windows, shaped like the loader's."""
+    return {
+        "patches": torch.zeros((0, grid * grid, patch_size, patch_size, 3), dtype=torch.uint8),
+        "teacher": torch.zeros((0, grid * grid, teacher_dim)),
+    }
 
 
 def set_student_mode(student: nn.Module, freeze_bn: bool) -> None:
@@ -111,37 +127,40 @@ def forward_windows(
     learner: Learner, batch: dict, mask: torch.Tensor, device: str, precision: str
 ) -> torch.Tensor:
     """Student on each visible patch alone, then the predictor on the window: (B, g^2, Dt)."""
-    patches = batch["patches"]  # (B, g^2, P, P, 3) uint8
+    patches = batch["patches"]  # (B, g^2, P, P, 3) uint8, on the CPU like the mask
     b = patches.shape[0]
-    visible = patches[~mask.cpu()]  # (B * n_vis, P, P, 3), row-major within each window
+    visible = patches[~mask]  # (B * n_vis, P, P, 3), row-major within each window
     x = model_input(visible, learner.student_tf, device)
     with autocast(device, precision):
-        tokens = learner.student(x).reshape(b, -1, learner.student.out_dim)
-        return learner.predictor(tokens, mask.to(device)).float()
+        tokens = learner.student(x)
+        tokens = tokens.reshape(b, len(visible) // max(b, 1), learner.student.out_dim)
+        return learner.predictor(tokens, mask.to(device, non_blocking=True)).float()
 
 
 def train_step(
-    learner: Learner, loader, micro: list[np.ndarray], epoch: int, n_step: int,
+    learner: Learner, batches, micro: list[np.ndarray], epoch: int, n_step: int,
     cfg: FinetuneConfig, device: str, info: DistInfo,
-) -> tuple[float, list[float]]:  # fmt: skip
-    """One optimizer step over this rank's micro-batches; (loss over all ranks, group lrs)."""
+) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+    """One optimizer step over this rank's micro-batches (`batches` yields one per entry of
+    `micro`, empty ones included: every rank runs every forward); (loss summed over all ranks,
+    a 0-d tensor on `device`, read it when logging; group lrs). No host sync inside."""
     k_masked = num_masked(cfg.grid, cfg.mask_ratio)
     masked_norm = 1.0 / (n_step * k_masked)
     visible_norm = cfg.visible_weight / (n_step * (cfg.grid * cfg.grid - k_masked))
     learner.optimizer.zero_grad(set_to_none=True)
-    loss_sum = 0.0
-    for ix in [m for m in micro if len(m)]:
-        batch = next(loader)
+    loss_sum = torch.zeros((), device=device)
+    for ix in micro:
+        batch = next(batches)
         mask = torch.from_numpy(
             window_masks(ix, cfg.grid, cfg.mask_ratio, cfg.mask_strategy, cfg.seed, epoch)
         )
         pred = forward_windows(learner, batch, mask, device, cfg.precision)
-        target = batch["teacher"].to(device).float()
+        target = batch["teacher"].to(device, non_blocking=True).float()
         pred, target = learner.standardizer.loss_space(pred, target, cfg.loss)
         m_sum, v_sum = mcmkd_loss_sums(pred, target, mask.to(device), cfg.loss)
         loss = m_sum * masked_norm + (v_sum * visible_norm if cfg.visible_weight > 0 else 0.0)
         loss.backward()
-        loss_sum += float(loss.detach())
+        loss_sum += loss.detach()
     params = learner.params
     all_reduce_grads(params, info)
     if cfg.grad_clip > 0:
@@ -149,8 +168,19 @@ def train_step(
     lrs = [g["lr"] for g in learner.optimizer.param_groups]
     learner.optimizer.step()
     learner.scheduler.step()
-    (loss_total,) = all_reduce_sum([loss_sum], info)
-    return loss_total, lrs
+    if learner.average_bn:
+        all_reduce_mean_(bn_statistics(learner.student), info)
+    return all_reduce_(loss_sum, info), lrs
+
+
+def bn_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """The running means and variances of every BatchNorm layer of `module`."""
+    return [
+        t
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for t in (m.running_mean, m.running_var)
+    ]
 
 
 @torch.no_grad()
@@ -169,7 +199,8 @@ def evaluate(
     student.eval()
     predictor.eval()
     idx = np.arange(len(dataset))[info.rank :: info.world_size]
-    sums = [0.0, 0.0, 0.0]  # cos(pred), cos(mean), n masked
+    # cos(pred), cos(mean), n masked: summed on the device, read once at the end
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, len(idx), max(1, cfg.batch_size)):
         ix = idx[start : start + cfg.batch_size]
         batch = torch.utils.data.default_collate([dataset[int(i)] for i in ix])
@@ -181,14 +212,13 @@ def evaluate(
         )
         target = batch["teacher"].to(device).float()
         m = mask.to(device)
-        cos = nn.functional.cosine_similarity(pred[m], target[m], dim=-1)
+        cos = nn.functional.cosine_similarity(pred, target, dim=-1)
         cos_mean = nn.functional.cosine_similarity(
-            teacher_mean.to(device).expand_as(target[m]), target[m], dim=-1
+            teacher_mean.to(device).expand_as(target), target, dim=-1
         )
-        sums[0] += cos.sum().item()
-        sums[1] += cos_mean.sum().item()
-        sums[2] += float(m.sum().item())
-    sums = all_reduce_sum(sums, info)
+        scored = [torch.where(m, c, 0.0).sum() for c in (cos, cos_mean)]  # no mask indexing
+        sums += torch.stack([*scored, m.sum()]).double()
+    sums = all_reduce_(sums, info).tolist()
     if was_training[0]:
         set_student_mode(student, cfg.freeze_bn)
     predictor.train(was_training[1])

@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..distributed import DistInfo, all_reduce_sum, barrier, distributed_run, shard
+from ..distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    distributed_run,
+    parse_timeout,
+    shard,
+)
 from ..encoders import create_encoder
 from ..encoders.forward import prepare_encoder
 from ..utils import progress, resolve_device
@@ -35,9 +42,11 @@ from .steps import (
     Batches,
     Learner,
     build_optimizer,
+    empty_batch,
     evaluate,
     lr_factor,
     make_loader,
+    micro_batch_stream,
     set_student_mode,
     train_step,
 )
@@ -52,6 +61,7 @@ from .teacher_cache import (
 from .windows import WindowDataset
 
 log = logging.getLogger(__name__)
+LOG_EVERY = 25  # optimizer steps between reads of the loss (each read waits for the device)
 
 
 @dataclass
@@ -73,6 +83,7 @@ class Run:
     batches: Batches
     train_set: WindowDataset
     val_set: WindowDataset
+    empty: dict  # the micro-batch of a rank with no window in it
 
 
 @dataclass
@@ -91,7 +102,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     A run stopped by ``stop_after_steps`` returns the path of its resume state instead.
     """
     validate_config(cfg)
-    with distributed_run(resolve_device(cfg.device)) as (device, info):
+    timeout_s = parse_timeout(cfg.dist_timeout)
+    with distributed_run(resolve_device(cfg.device), timeout_s=timeout_s) as (device, info):
         paths = output_paths(cfg.out)
         plan = plan_windows(cfg)
         log.info("%s", plan.summary.line())
@@ -125,7 +137,8 @@ def teacher_targets(
     )  # fmt: skip
     cache = TeacherCache(cache_dir, spec)
     needed = windows_by_slide(plan.train + plan.val)
-    mine = dict(shard(sorted(needed.items()), info))
+    items = sorted(needed.items())
+    mine = dict(shard(items, info, sizes=[len(windows) for _, windows in items]))
     show = cfg.progress and info.is_main
     stats = fill_cache(cache, plan.slides, mine, cfg.grid, make_teacher, device,
                        cfg.teacher_batch_size, show_progress=show,
@@ -155,8 +168,15 @@ def build(
         depth=cfg.predictor_depth,
         heads=cfg.predictor_heads,
     ).to(device)
+    average_bn = False
     if not cfg.freeze_bn and info.enabled:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        if str(device).startswith("cuda"):  # SyncBatchNorm raises on CPU tensors
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        else:
+            average_bn = True
+            if info.is_main:
+                log.info("finetune: --no-freeze-bn on CPU ranks: BatchNorm normalises with each "
+                         "rank's batch; running statistics are averaged after every step")  # fmt: skip
     optimizer = build_optimizer(cfg, student, predictor)
     batches = Batches(len(plan.train), cfg, info)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -165,11 +185,12 @@ def build(
     )
     standardizer = TargetStandardizer(targets.mean, targets.std).to(device)
     learner = Learner(
-        student, student_enc.transforms, predictor, standardizer, optimizer, scheduler
+        student, student_enc.transforms, predictor, standardizer, optimizer, scheduler, average_bn
     )
     train_set = WindowDataset(plan.slides, plan.train, cfg.grid, teacher=targets.reader)
     val_set = WindowDataset(plan.slides, plan.val, cfg.grid, teacher=targets.reader)
-    return Run(learner, student_enc.out_dim, batches, train_set, val_set)
+    empty = empty_batch(plan.slides[0].patch_size, cfg.grid, targets.dim)
+    return Run(learner, student_enc.out_dim, batches, train_set, val_set, empty)
 
 
 def restore(
@@ -206,7 +227,8 @@ def train_steps(
     info: DistInfo,
 ) -> bool:  # fmt: skip
     """The optimizer steps from ``prog.step`` on, saving resumable states; False when stopped
-    early by ``stop_after_steps``."""
+    early by ``stop_after_steps``. Losses stay on the device until a state is saved or
+    ``LOG_EVERY`` steps have passed (one host sync then, not one per step)."""
     learner, total = run.learner, run.batches.total_steps
     set_student_mode(learner.student, cfg.freeze_bn)
     learner.predictor.train()
@@ -218,17 +240,25 @@ def train_steps(
     t0 = time.perf_counter()
     # one loader for the whole run, so reading workers prefetch across optimizer steps
     step_plan = [run.batches.micro_batches(s) for s in range(start, end)]
-    loader = iter(make_loader(run.train_set, [m for *_, micro in step_plan for m in micro],
-                              cfg.num_workers))  # fmt: skip
+    lists = [m for *_, micro in step_plan for m in micro]
+    cuda = str(device).startswith("cuda")
+    loader = iter(make_loader(run.train_set, lists, cfg.num_workers, pin_memory=cuda))
+    stream = micro_batch_stream(loader, lists, run.empty)
+    pending: list = []  # history rows whose loss is still a device tensor
     for step, (epoch, n_step, micro) in zip(range(start, end), step_plan):
-        loss, lrs = train_step(learner, loader, micro, epoch, n_step, cfg, device, info)
+        loss, lrs = train_step(learner, stream, micro, epoch, n_step, cfg, device, info)
         prog.step, prog.windows_seen = step + 1, prog.windows_seen + n_step
         rate = prog.windows_seen / max(time.perf_counter() - t0, 1e-9)
-        prog.history.append({"step": step + 1, "epoch": epoch, "loss": loss, "lr": lrs[2],
-                             "lr_student": lrs[0], "windows_per_s": rate})  # fmt: skip
+        row = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": lrs[2],
+               "lr_student": lrs[0], "windows_per_s": rate}  # fmt: skip
+        prog.history.append(row)
+        pending.append(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", win_s=f"{rate:.1f}")
-        if info.is_main and (step + 1 in (total, end) or (step + 1) % cfg.save_every == 0):
+        save = info.is_main and (step + 1 in (total, end) or (step + 1) % cfg.save_every == 0)
+        if save or len(pending) >= LOG_EVERY or step + 1 == end:
+            _read_losses(pending)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", win_s=f"{rate:.1f}")
+        if save:
             save_state(
                 paths["state"], fingerprint=prog.fingerprint, step=step + 1,
                 student=learner.student.state_dict(), predictor=learner.predictor.state_dict(),
@@ -236,13 +266,21 @@ def train_steps(
                 rng=rng_state(), history=prog.history, val_before=prog.val_before,
             )  # fmt: skip
     bar.close()
-    del loader  # stops reading workers
+    del loader, stream  # stops reading workers
     barrier(info)
     prog.train_seconds = time.perf_counter() - t0
     if end < total:
         log.warning("finetune: stopped after step %d/%d; continue with --resume", end, total)
         return False
     return True
+
+
+def _read_losses(rows: list[dict]) -> None:
+    """Replace the device-tensor losses of `rows` by floats, with one host sync; empties it."""
+    if rows:
+        for row, value in zip(rows, torch.stack([r["loss"] for r in rows]).tolist()):
+            row["loss"] = value
+        rows.clear()
 
 
 def write_outputs(
