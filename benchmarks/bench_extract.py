@@ -21,8 +21,9 @@ each path timed over the whole cohort with slide opening and worker start-up inc
   clam     CLAM's extract_features_fp.py loop: per slide open_slide, Whole_Slide_Bag_FP, a new
            DataLoader(batch_size, num_workers=W) (workers forked per slide), iterate
   ours     clam_mcmkd.patch_pipeline.iter_cohort_batches: one pool of W workers for the whole
-           cohort, uint8 batches (what a GPU consumer receives: resize + normalise run there)
-  ours+tf  the same with resize + normalise in the workers (what a CPU-only run needs)
+           cohort, uint8 batches (what extract-features hands a GPU: resize + normalise there)
+  ours+tf  patch_pipeline.extraction_batches(device="cpu"): extract-features' own data path on
+           a CPU (resize + normalise in the workers)
 Last line: ``loader_rate=<ours> clam_rate=<clam> ratio=<ours/clam>``.
 """
 
@@ -40,8 +41,13 @@ import torch
 from clam_mcmkd.clam import formats
 from clam_mcmkd.encoders import PatchTransforms, create_encoder
 from clam_mcmkd.encoders.forward import encode_batch, prepare_encoder
-from clam_mcmkd.patch_loader import PatchReader, _tiff_pages, iter_patch_batches
-from clam_mcmkd.patch_pipeline import SlideJob, iter_cohort_batches
+from clam_mcmkd.patch_loader import PatchReader, _tiff_pages
+from clam_mcmkd.patch_pipeline import (
+    SlideJob,
+    extraction_batches,
+    iter_cohort_batches,
+    iter_patch_batches,
+)
 
 # ----------------------------------------------------------------------------- CLAM's data path
 
@@ -205,11 +211,17 @@ def bench_clam_cohort(jobs, batch_size, workers, input_size) -> tuple[float, int
 
 
 def bench_ours_cohort(jobs, batch_size, workers, input_size=0) -> tuple[float, int]:
-    """One pool for the cohort; input_size > 0: resize + normalise in the workers too."""
-    tf = PatchTransforms(input_size).batch if input_size else None
+    """One pool for the cohort. input_size > 0: extract-features' own CPU data path
+    (``extraction_batches`` on "cpu": resize + normalise in the workers); else the uint8 batches
+    a GPU run hands over (the same stream without the transforms; pinning needs CUDA)."""
     n = 0
     t0 = time.perf_counter()
-    for rec in iter_cohort_batches(jobs, batch_size, num_workers=workers, transform=tf):
+    if input_size:
+        batches = extraction_batches(jobs, PatchTransforms(input_size), batch_size=batch_size,
+                                     num_workers=workers, device="cpu")  # fmt: skip
+    else:
+        batches = iter_cohort_batches(jobs, batch_size, num_workers=workers)
+    for rec in batches:
         if rec.error:
             raise SystemExit(f"{rec.slide_id}: {rec.error}")
         n += len(rec.patches)

@@ -315,6 +315,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def shard_file_name(name: str, shard_text: str | None) -> str:
+    """A run file's name for array job ``I/N`` (``summary.json`` -> ``summary.shard-I-of-N.json``),
+    so the jobs of one array do not overwrite each other's; unchanged without a shard."""
+    if not shard_text:
+        return name
+    index, count = parse_shard(shard_text)
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.shard-{index}-of-{count}{dot}{ext}"
+
+
 def coords_patch_counts(paths: Sequence[str | os.PathLike]) -> list[int]:
     """Rows of each coords h5 (0 for a file that cannot be read: it fails later, in its slot)."""
     import h5py

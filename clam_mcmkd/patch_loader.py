@@ -11,8 +11,7 @@ become after ``convert('RGB')``). Anything unusual (another vendor, non-JPEG com
 photometric, a location that falls between pixels of a pyramid level) is read through
 :func:`clam_mcmkd.slides.open_slide` instead, so the output never depends on the path taken.
 
-:func:`iter_patch_batches` runs the reader in DataLoader workers (files opened once per
-worker) and yields uint8 ``(B, P, P, 3)`` batches in coords order.
+:mod:`clam_mcmkd.patch_pipeline` runs readers in a pool of worker processes for a whole cohort.
 """
 
 from __future__ import annotations
@@ -21,13 +20,11 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .clam.formats import CoordsH5
 from .slides import Slide, SlideError, open_slide
 
 log = logging.getLogger(__name__)
@@ -329,106 +326,3 @@ class PatchReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class PatchBatchDataset:
-    """Map-style dataset: item i = the i-th batch of patches, uint8 (B, P, P, 3), coords order.
-
-    The reader opens lazily in whichever process first reads (a DataLoader worker), once.
-    ``transform`` (e.g. ``PatchTransforms.batch``) runs on each uint8 batch in that process.
-    """
-
-    def __init__(
-        self,
-        slide_path: str | os.PathLike,
-        coords: CoordsH5,
-        batch_size: int,
-        *,
-        fast: bool = True,
-        transform: Callable | None = None,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.slide_path = Path(slide_path)
-        self.coords = np.asarray(coords.coords, dtype=np.int64)
-        self.patch_level = int(coords.patch_level)
-        self.patch_size = int(coords.patch_size)
-        self.batch_size = int(batch_size)
-        self.fast = fast
-        self.transform = transform
-        self._reader: PatchReader | None = None
-        self._pid: int | None = None
-
-    def __len__(self) -> int:
-        return -(-len(self.coords) // self.batch_size)
-
-    @property
-    def reader(self) -> PatchReader:
-        if self._reader is None or self._pid != os.getpid():
-            self._reader = PatchReader(
-                self.slide_path, self.patch_level, self.patch_size, fast=self.fast
-            )
-            self._pid = os.getpid()
-        return self._reader
-
-    def __getitem__(self, index: int):
-        import torch
-
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        start = index * self.batch_size
-        batch = torch.from_numpy(
-            self.reader.read_batch(self.coords[start : start + self.batch_size])
-        )
-        return batch if self.transform is None else self.transform(batch)
-
-    def close(self) -> None:
-        if self._reader is not None and self._pid == os.getpid():
-            self._reader.close()
-        self._reader = None
-
-    def __getstate__(self):  # workers get the recipe, never an open file
-        state = dict(self.__dict__)
-        state["_reader"], state["_pid"] = None, None
-        return state
-
-
-def iter_patch_batches(
-    slide_path: str | os.PathLike,
-    coords: CoordsH5,
-    batch_size: int = 256,
-    *,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-    fast: bool = True,
-    prefetch_factor: int = 2,
-    transform: Callable | None = None,
-) -> Iterator:
-    """Yield uint8 torch tensors (B, P, P, 3) covering ``coords`` in order (or ``transform`` of
-    them, computed in the reading process: on CPU runs the resize/normalise there).
-
-    With ``num_workers > 0`` batches are read in DataLoader worker processes (each opens the
-    slide once) while the caller runs the model on the previous ones.
-    """
-    from torch.utils.data import DataLoader
-
-    dataset = PatchBatchDataset(slide_path, coords, batch_size, fast=fast, transform=transform)
-    if len(dataset) == 0:
-        return
-    if num_workers <= 0:
-        try:
-            for i in range(len(dataset)):
-                yield dataset[i]
-        finally:
-            dataset.close()
-        return
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=min(num_workers, len(dataset)),
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        persistent_workers=False,
-    )
-    yield from loader

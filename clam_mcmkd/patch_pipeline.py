@@ -20,26 +20,42 @@ the pixels :class:`PatchReader` (== OpenSlide) gives.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .clam.formats import CoordsH5, read_coords_h5
 from .utils import ClamMcmkdError
 
+log = logging.getLogger(__name__)
 READERS_PER_WORKER = 2  # the slide being read and the next one
 
 
 @dataclass(frozen=True)
 class SlideJob:
-    """One slide to read: its id, image file and CLAM coords h5."""
+    """One slide to read: its id, image file and CLAM coords h5, or coords given in memory
+    (``coords`` (N, 2) level-0 with their ``patch_level`` and ``patch_size``: e.g. the patches
+    of a teacher cache still to compute)."""
 
     slide_id: str
     slide_path: str
-    coords_path: str
+    coords_path: str = ""
+    coords: np.ndarray | None = field(default=None, compare=False, repr=False)
+    patch_level: int = 0
+    patch_size: int = 0
+
+    @classmethod
+    def of(cls, slide_id: str, slide_path, coords: CoordsH5) -> SlideJob:
+        """A job over coords already read (kept in memory, handed to the workers)."""
+        return cls(slide_id, str(slide_path), str(coords.path or ""),
+                   np.asarray(coords.coords, dtype=np.int64), int(coords.patch_level),
+                   int(coords.patch_size))  # fmt: skip
 
 
 @dataclass
@@ -56,6 +72,7 @@ class PatchBatch:
     patches: object = None
     coords: np.ndarray | None = None
     error: str | None = None
+    dimensions: tuple[int, int] | None = None  # the slide's level-0 (width, height)
 
     @property
     def last(self) -> bool:
@@ -73,11 +90,13 @@ def default_num_workers(local_world_size: int = 1) -> int:
     return max(1, cores // max(1, local_world_size) - 1)
 
 
-def _coords_rows(path: str) -> tuple[int, str | None]:
+def _coords_rows(job: SlideJob) -> tuple[int, str | None]:
     """(rows, None), or (0, why) for a coords h5 that cannot be used."""
     import h5py
 
-    p = Path(path)
+    if job.coords is not None:
+        return (len(job.coords), None) if len(job.coords) else (0, f"{job.slide_id}: no patches")
+    p = Path(job.coords_path)
     if not p.is_file():
         return 0, f"{p}: coords file does not exist"
     try:
@@ -115,7 +134,7 @@ class CohortPatchDataset:
         self.units: list[tuple[int, int]] = []  # (job index, first row); row -1: an error unit
         self.errors: dict[int, str] = {}
         for j, job in enumerate(self.jobs):
-            rows, error = _coords_rows(job.coords_path)
+            rows, error = _coords_rows(job)
             self.rows.append(rows)
             if error:
                 self.errors[j] = error
@@ -135,14 +154,16 @@ class CohortPatchDataset:
         if j in self._open:
             self._open.move_to_end(j)
             return self._open[j]
-        from .clam.formats import read_coords_h5
         from .patch_loader import PatchReader
 
-        coords = read_coords_h5(self.jobs[j].coords_path)
-        reader = PatchReader(
-            self.jobs[j].slide_path, coords.patch_level, coords.patch_size, fast=self.fast
-        )
-        self._open[j] = (reader, coords.coords)
+        job = self.jobs[j]
+        if job.coords is None:
+            job = SlideJob.of(job.slide_id, job.slide_path, read_coords_h5(job.coords_path))
+        reader = PatchReader(job.slide_path, job.patch_level, job.patch_size, fast=self.fast)
+        if self.fast and not reader.is_fast:
+            log.info("%s: read through OpenSlide (%s)", Path(job.slide_path).name,
+                     reader.stats.fallback_reason)  # fmt: skip
+        self._open[j] = (reader, job.coords)
         while len(self._open) > READERS_PER_WORKER:
             self._open.popitem(last=False)[1][0].close()
         return self._open[j]
@@ -165,7 +186,8 @@ class CohortPatchDataset:
             msg = str(err) if isinstance(err, ClamMcmkdError) else _name_file(self.jobs[j], err)
             self._failed[j] = msg
             return {"job": j, "start": start, "error": msg}
-        return {"job": j, "start": start, "patches": patches, "coords": rows}
+        dims = tuple(int(v) for v in reader.slide.dimensions)
+        return {"job": j, "start": start, "patches": patches, "coords": rows, "dimensions": dims}
 
     def close(self) -> None:
         if self._pid == os.getpid():
@@ -241,8 +263,105 @@ def iter_cohort_batches(
                 failed.add(j)
                 yield PatchBatch(job.slide_id, item["start"], dataset.rows[j], error=item["error"])
                 continue
-            yield PatchBatch(
-                job.slide_id, item["start"], dataset.rows[j], item["patches"], item["coords"]
-            )
+            yield PatchBatch(job.slide_id, item["start"], dataset.rows[j], item["patches"],
+                             item["coords"], dimensions=item["dimensions"])  # fmt: skip
     finally:
         dataset.close()
+
+
+def iter_patch_batches(
+    slide_path: str | os.PathLike,
+    coords: CoordsH5,
+    batch_size: int = 256,
+    *,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    fast: bool = True,
+    transform: Callable | None = None,
+) -> Iterator:
+    """One slide's patches as uint8 (B, P, P, 3) tensors in coords order (or ``transform`` of
+    them): the cohort path with one job; a read error is raised, not yielded."""
+    job = SlideJob.of(Path(slide_path).stem, slide_path, coords)
+    if not len(job.coords):
+        return
+    for rec in iter_cohort_batches([job], batch_size, num_workers=num_workers,
+                                   pin_memory=pin_memory, transform=transform, fast=fast):  # fmt: skip
+        if rec.error:
+            raise ClamMcmkdError(rec.error)
+        yield rec.patches
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@dataclass
+class SlideFeatures:
+    """One slide's encoded patches (rows in coords order) or why it could not be read."""
+
+    slide_id: str
+    features: np.ndarray | None = None  # (N, D) float32
+    coords: np.ndarray | None = None  # (N, 2) level-0
+    error: str | None = None
+    seconds: float = 0.0  # from the slide's first batch to its last
+    dimensions: tuple[int, int] | None = None  # the slide's level-0 (width, height)
+
+
+def extraction_batches(
+    jobs: Sequence[SlideJob],
+    transforms,
+    *,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    device: str = "cpu",
+) -> Iterator[PatchBatch]:
+    """The batches extraction encodes on `device`: for CUDA pinned uint8 (4x less to copy;
+    resized and normalised on the GPU), for the CPU resized and normalised by the workers."""
+    cuda = str(device).startswith("cuda")
+    return iter_cohort_batches(jobs, batch_size, num_workers=num_workers, pin_memory=cuda,
+                               transform=None if cuda else transforms.batch)  # fmt: skip
+
+
+def encode_cohort(
+    encoder,
+    jobs: Sequence[SlideJob],
+    *,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    device: str = "cpu",
+    precision: str = "auto",
+) -> Iterator[SlideFeatures]:
+    """Every job's patches through `encoder`: exactly one :class:`SlideFeatures` per job, in
+    order. On CUDA the workers hand over pinned uint8 batches (copied without blocking, resized
+    and normalised on the device) and features stay on the device until the slide's last batch:
+    one download per slide. On the CPU the workers resize and normalise too."""
+    import torch
+
+    from .encoders.forward import encode_on_device, prepare_encoder
+
+    if not jobs:
+        return
+    prepare_encoder(encoder, device)
+    stream = extraction_batches(jobs, encoder.transforms, batch_size=batch_size,
+                                num_workers=num_workers, device=device)  # fmt: skip
+    feats, coords, started, failed = [], [], None, None
+    for rec in stream:
+        if rec.slide_id == failed:  # the rest of a slide the encoder failed on
+            continue
+        error = rec.error
+        if not error:
+            try:
+                feats.append(encode_on_device(encoder, rec.patches, device, precision))
+            except Exception as err:  # noqa: BLE001 - one slide fails, the cohort goes on
+                error, failed = f"{type(err).__name__}: {err}", rec.slide_id
+        if error:
+            feats, coords, started = [], [], None  # a partial slide is dropped
+            yield SlideFeatures(rec.slide_id, error=error)
+            continue
+        started = started or time.perf_counter()
+        coords.append(rec.coords)
+        if rec.last:
+            with torch.inference_mode():
+                out = torch.cat(feats).float().cpu().numpy()  # the slide's one host sync
+            yield SlideFeatures(rec.slide_id, out, np.concatenate(coords), None,
+                                time.perf_counter() - started, rec.dimensions)  # fmt: skip
+            feats, coords, started = [], [], None

@@ -43,17 +43,17 @@ ALLOWED = {
     "slides": {"utils", "clam"},
     "tissue": {"utils"},
     "patch_loader": {"utils", "clam", "slides"},
-    "patch_pipeline": {"utils", "clam", "slides", "patch_loader"},
+    "patch_pipeline": {"utils", "clam", "encoders", "slides", "patch_loader"},
     "tiling": {"utils", "jobs", "clam", "slides", "tissue"},
     "cohort": {"utils", "clam"},
     "splits": {"utils", "clam"},
-    "features": {"utils", "jobs", "distributed", "clam", "encoders", "patch_loader", "slides"},
+    "features": {"utils", "jobs", "distributed", "clam", "encoders", "patch_pipeline", "slides"},
     "heatmap": {"utils", "jobs", "clam", "encoders", "slides", "splits", "mil"},
-    "mcmkd": CORE | {"slides"},
+    "mcmkd": CORE | {"slides", "patch_loader", "patch_pipeline"},
     "mil": {"utils", "clam", "encoders", "splits"},
     "doctor": CORE | STAGES | {"mcmkd"},
     "benchmark": CORE | STAGES | {"mcmkd", "mil"},
-    "cli": CORE | STAGES | {"mcmkd", "mil", "benchmark", "__init__"},
+    "cli": CORE | STAGES | {"mcmkd", "mil", "benchmark", "doctor", "__init__"},
 }
 
 

@@ -21,7 +21,8 @@ from clam_mcmkd.clam import formats
 from clam_mcmkd.cli import main
 from clam_mcmkd.encoders import create_encoder
 from clam_mcmkd.features import SUMMARY_NAME, ExtractConfig, extract_features
-from clam_mcmkd.patch_loader import PatchReader, iter_patch_batches
+from clam_mcmkd.patch_loader import PatchReader
+from clam_mcmkd.patch_pipeline import iter_patch_batches
 from clam_mcmkd.slides import SlideError
 
 torch.set_num_threads(2)
@@ -363,6 +364,60 @@ def test_torchrun_two_ranks_match_one_process(tiny_cohort, tmp_path):
     ref = _features(single)
     for sid, feats in _features(multi).items():
         np.testing.assert_allclose(feats, ref[sid], rtol=1e-4, atol=1e-5)
+
+
+def test_array_job_shards_split_by_patch_count_and_resume(tiny_cohort, tmp_path):
+    """--shard I/N: each array job extracts its slides (balanced by patch count: 7, 9, 11, 13
+    patches -> {13, 7} and {11, 9}, where round-robin would give 18 and 22) into the same
+    feat_dir, writes its own run files, and skips its finished slides when run again."""
+    from clam_mcmkd.distributed import DistInfo
+    from clam_mcmkd.features import my_slides
+
+    single = tmp_path / "single"
+    assert CliRunner().invoke(main, _cli_args(tiny_cohort, single)).exit_code == 0
+    feat_dir = tmp_path / "sharded"
+    for shard in ("1/2", "0/2"):
+        args = _cli_args(tiny_cohort, feat_dir, "--shard", shard, "--dist-timeout", "30m")
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "2 done, 0 skipped, 0 failed" in result.output, (
+            result.output
+        )
+    summaries = [json.loads((feat_dir / f"extract_summary.shard-{i}-of-2.json").read_text())
+                 for i in range(2)]  # fmt: skip
+    assert [sorted(s["done"]) for s in summaries] == [["s0", "s3"], ["s1", "s2"]]
+    assert [s["extra"]["patches"] for s in summaries] == [20, 20]
+    assert (feat_dir / "extract_config.shard-0-of-2.json").is_file()
+    assert not (feat_dir / SUMMARY_NAME).exists()  # the jobs never overwrite one another
+    ref = _features(single)
+    for sid, feats in _features(feat_dir).items():
+        np.testing.assert_allclose(feats, ref[sid], rtol=1e-4, atol=1e-5)
+    result = CliRunner().invoke(main, _cli_args(tiny_cohort, feat_dir, "--shard", "0/2"))
+    assert "0 done, 2 skipped, 0 failed" in result.output, result.output
+    # torchrun ranks within a shard are balanced the same way
+    cfg = ExtractConfig(str(tiny_cohort / "coords"), str(tiny_cohort / "slides"), None, "x")
+    ids = ["s0", "s1", "s2", "s3"]
+    assert my_slides(cfg, ids, DistInfo(rank=1, world_size=2)) == ["s1", "s2"]
+    cfg.shard = "0/2"
+    assert my_slides(cfg, ids, DistInfo(rank=1, world_size=2)) == ["s0"]
+    result = CliRunner().invoke(main, _cli_args(tiny_cohort, feat_dir, "--shard", "2/2"))
+    assert result.exit_code != 0 and "--shard 2/2: need 0 <= I < N" in result.output
+
+
+def test_unwritable_features_fail_their_slide_not_the_run(tiny_cohort, tmp_path):
+    """The writer thread's errors reach the summary: NaN features (an encoder checkpoint with a
+    NaN weight) are refused by the writer, each slide is a failure, nothing is left behind."""
+    enc = create_encoder("resnet18_trunc", pretrained=False, target_img_size=64)
+    state = enc.model.state_dict()
+    key = next(k for k in state if k.endswith("conv1.weight"))
+    state[key][0, 0, 0, 0] = float("nan")
+    ckpt = tmp_path / "nan.pt"
+    torch.save(state, ckpt)
+    feat_dir = tmp_path / "feats"
+    result = CliRunner().invoke(main, _cli_args(tiny_cohort, feat_dir, "--ckpt", str(ckpt)))
+    assert result.exit_code == 1 and "0 done, 0 skipped, 4 failed" in result.output, result.output
+    summary = json.loads((feat_dir / SUMMARY_NAME).read_text())
+    assert all("features contain NaN" in msg for msg in summary["failed"].values()), summary
+    assert not any((feat_dir / "pt_files").glob("*")) and not any((feat_dir / "h5_files").glob("*"))
 
 
 def test_encoder_matches_direct_forward(tiny_cohort):

@@ -8,7 +8,15 @@ import sys
 import click
 
 from ..features import ExtractConfig
-from .options import config_option, device_option, option, precision_option
+from .options import (
+    config_option,
+    device_option,
+    dist_timeout_option,
+    option,
+    precision_option,
+    shard_option,
+    workers_option,
+)
 
 
 @click.command("extract-features")
@@ -27,14 +35,18 @@ from .options import config_option, device_option, option, precision_option
 @option("--ckpt", default=None,
         help="Encoder checkpoint; else the model's variable (MCMKD_CKPT_PATH, UNI_CKPT_PATH, "
         "UNI2_CKPT_PATH, VIRCHOW2_CKPT_PATH, ...: see list-encoders), else its hub weights.")  # fmt: skip
-@config_option(ExtractConfig, "num_workers", help="Patch-reading processes.")
+@workers_option(ExtractConfig, "Patch")
 @device_option(ExtractConfig)
 @precision_option(ExtractConfig)
+@dist_timeout_option(ExtractConfig)
+@shard_option("HPC array jobs without torchrun: extract part I of N (0-based, e.g. "
+              "$SLURM_ARRAY_TASK_ID/N), slides balanced by patch count; run files get .shard-I-of-N")  # fmt: skip
 @option("--no-pretrained", is_flag=True, help="Random (seeded) weights: builds models offline.")
 def extract_features_cmd(**kw) -> None:
     """Patch features for every slide, in CLAM's h5_files/ + pt_files/ layout.
 
-    Works under `torchrun --nproc_per_node N` (slides are shared out across ranks).
+    Works under `torchrun --nproc_per_node N` (slides are shared out across ranks, by patch
+    count) and as N array jobs with --shard I/N; finished slides are skipped on a rerun.
     """
     from ..features import extract_features
 

@@ -42,6 +42,16 @@ def precision_option(cls: type):
     )
 
 
+def workers_option(cls: type, what: str):
+    return config_option(cls, "num_workers", type=int,
+                         help=f"{what}-reading processes [default: the cores this process may "
+                         "use, less one; under torchrun the node's cores are shared]")  # fmt: skip
+
+
+def shard_option(help: str):
+    return option("--shard", default=None, metavar="I/N", help=help)
+
+
 def dist_timeout_option(cls: type):
     return config_option(
         cls,

@@ -49,6 +49,16 @@ def prepare_encoder(encoder, device: str):
     return model
 
 
+def to_device(tensor, device: str):
+    """`tensor` on `device`; a CPU tensor goes to a GPU from pinned memory, asynchronously (a
+    copy from pageable memory first waits for everything queued on the GPU)."""
+    if not str(device).startswith("cuda") or tensor.device.type != "cpu":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def model_input(images, transforms, device: str):
     """uint8 (B, H, W, 3) patches (or a float batch already through `transforms`) -> the
     model's input on `device`: resized and normalised there, channels-last on CUDA."""
@@ -57,7 +67,7 @@ def model_input(images, transforms, device: str):
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     cuda = str(device).startswith("cuda")
-    x = images.to(device, non_blocking=cuda)
+    x = to_device(images, device)
     if x.dtype == torch.uint8:  # else already transformed (by the loader)
         x = transforms.batch(x)
     if cuda:
@@ -72,12 +82,17 @@ def encode_batch(encoder, images, device: str = "cpu", precision: str = "auto"):
     The model must already be on `device` (see :func:`prepare_encoder`); its train/eval mode is
     left as the caller set it.
     """
+    return encode_on_device(encoder, images, device, precision).float().cpu()
+
+
+def encode_on_device(encoder, images, device: str = "cpu", precision: str = "auto"):
+    """Like :func:`encode_batch`, but the features stay on `device` in the model's output
+    dtype (no host sync: a consumer downloads many batches at once)."""
     import torch
 
     x = model_input(images, encoder.transforms, device)
     with torch.inference_mode(), autocast(device, precision):
-        out = encoder.model(x)
-    return out.float().cpu()
+        return encoder.model(x)
 
 
 def encode_batches(

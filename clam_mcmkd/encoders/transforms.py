@@ -7,6 +7,7 @@ resize size, centre crop and interpolation that foundation-model cards prescribe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,10 +88,18 @@ class PatchTransforms:
         if self.crop:
             x = F.center_crop(x, [self.input_size, self.input_size])
         x = x.float() if x.dtype != torch.float32 else x.clone()
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        scale, shift = _normalisation(self.mean, self.std, x.device)
         # (x / 255 - mean) / std, in place on the one float copy
-        return x.mul_(1.0 / (255.0 * std)).add_(-mean / std)
+        return x.mul_(scale).add_(shift)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device: torch.device):
+    """(1 / (255 std), -mean / std) as (1, 3, 1, 1) float32 tensors on `device`, made once per
+    device: a copy to a GPU per batch would wait for the GPU each time."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    return (1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device)
 
 
 def _bicubic_as_pil(x: torch.Tensor, size: int) -> torch.Tensor:
