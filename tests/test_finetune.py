@@ -31,6 +31,8 @@ from clam_mcmkd.mcmkd.teacher_cache import (
 )
 from clam_mcmkd.mcmkd.windows import (
     NoWindowsError,
+    WindowDataset,
+    WindowRef,
     find_window_origins,
     read_window,
     slide_windows,
@@ -167,6 +169,9 @@ def test_one_read_region_cut_equals_per_patch_reads(cmu_coords, cmu_slide):
             assert (int(x), int(y)) in present  # every window patch is a tissue patch
             single = slide.read_region((int(x), int(y)), 0, (64, 64))
             np.testing.assert_array_equal(patches[p], single)
+    # what training reads: the same window through the slide's JPEG tiles
+    item = WindowDataset([sw], [WindowRef(0, 3)], grid=3)[0]
+    np.testing.assert_array_equal(item["patches"].numpy(), patches)
 
 
 @pytest.mark.parametrize("strategy", ["random", "block"])
@@ -277,6 +282,54 @@ def test_mismatched_or_stale_teacher_cache_is_an_error(cmu_run, tmp_path):
             h.attrs["patch_size"] = 128
     with pytest.raises(TeacherCacheError, match="stale teacher cache"):
         finetune(replace(cfg, out=str(tmp_path / "x.pt"), teacher_cache=str(stale)))
+
+
+def test_teacher_cache_filled_by_array_jobs(cohort_reference, tmp_path):
+    """finetune --teacher-cache-only --shard I/N: two array jobs fill disjoint halves of the
+    cache (by window count), each writes its own summary, and the training run that follows
+    never builds the teacher; the features equal a cache filled in one go."""
+    from click.testing import CliRunner
+
+    from clam_mcmkd.cli import main
+
+    cfg = cohort_reference
+    cache = tmp_path / "cache"
+    args = [
+        "finetune", "--data-h5-dir", cfg.data_h5_dir, "--data-slide-dir", cfg.data_slide_dir,
+        "--csv-path", cfg.csv_path, "--slide-ext", ".tif", "--teacher", "resnet18",
+        "--teacher-input-size", "64", "--student", "resnet18_trunc", "--input-size", "64",
+        "--no-pretrained", "--grid", "2", "--batch-size", "4", "--predictor-width", "64",
+        "--max-windows", "16", "--val-frac", "0.2", "--max-val-windows", "8",
+        "--teacher-cache", str(cache), "--out", str(tmp_path / "ft.pt"), "--device", "cpu",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, [*args, "--shard", "0/2"])
+    assert result.exit_code != 0 and "--shard needs --teacher-cache-only" in result.output
+    files = []
+    for shard in ("0/2", "1/2"):
+        with count_teacher_builds() as builds:
+            result = CliRunner().invoke(main, [*args, "--teacher-cache-only", "--shard", shard])
+        assert result.exit_code == 0, result.output
+        assert builds == ["resnet18"] and "patches computed" in result.output
+        i = shard[0]
+        summary = json.loads((cache / f"teacher_cache_summary.shard-{i}-of-2.json").read_text())
+        files.append({f"{s}.h5" for s in summary["done"]})
+        assert summary["extra"]["patches_computed"] > 0
+    assert files[0] and files[1] and not files[0] & files[1]
+    assert {p.name for p in cache.glob("*.h5")} == files[0] | files[1]
+    assert not Path(tmp_path / "ft.pt").exists()  # nothing was trained
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.glob("*.h5")}
+    with count_teacher_builds() as builds:
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and builds == [], result.output
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.h5")} == mtimes
+    ref = Path(cfg.teacher_cache)  # filled by one process for the same windows
+    for path in cache.glob("*.h5"):
+        with h5py.File(path) as ours, h5py.File(ref / path.name) as theirs:
+            rows = {tuple(c): i for i, c in enumerate(theirs["coords"][:])}
+            idx = [rows[tuple(c)] for c in ours["coords"][:]]
+            np.testing.assert_allclose(
+                ours["features"][:], theirs["features"][:][idx], rtol=1e-4, atol=1e-5
+            )
 
 
 # ----------------------------------------------------------------------------- resume, DDP

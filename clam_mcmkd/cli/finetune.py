@@ -16,6 +16,8 @@ from .options import (
     dist_timeout_option,
     option,
     precision_option,
+    shard_option,
+    workers_option,
 )
 
 
@@ -61,12 +63,16 @@ def _opt(field: str, *names: str, **kwargs):
 @option("--max-windows", default=None, type=int, help="Train on at most N windows (seeded choice).")
 @_opt("val_frac", help="Share of slides held out for validation.")
 @_opt("max_val_windows")
-@_opt("num_workers", help="Window-reading processes.")
+@workers_option(FinetuneConfig, "Window")
 @_opt("teacher_batch_size")
 @_opt("save_every", help="Steps between resumable states.")
 @option("--stop-after-steps", default=None, type=int,
         help="Stop (resumable) after N steps, e.g. to time-box a job.")  # fmt: skip
 @option("--resume", is_flag=True, help="Continue an interrupted run from <out>.state.pt.")
+@option("--teacher-cache-only", is_flag=True,
+        help="Only fill the teacher-feature cache (e.g. on GPU nodes before the training run).")  # fmt: skip
+@shard_option("With --teacher-cache-only, as HPC array jobs: fill part I of N of the cache "
+              "(0-based, slides balanced by patch count).")  # fmt: skip
 @option("--no-pretrained", is_flag=True, help="Random (seeded) weights: builds models offline.")
 @device_option(FinetuneConfig)
 @precision_option(FinetuneConfig)
@@ -78,7 +84,9 @@ def finetune_cmd(**kw) -> None:
 
     Writes OUT (load it with `extract-features --model mcmkd_resnet50 --ckpt OUT`), plus
     OUT-stem .metrics.csv, .loss.png, .config.json, .final_metrics.json, .summary.json.
-    Works under `torchrun --nproc_per_node N $(which clam-mcmkd) finetune ...`.
+    Works under `torchrun --nproc_per_node N $(which clam-mcmkd) finetune ...`. With
+    --teacher-cache-only it only fills the teacher cache (--shard I/N: as array jobs); a later
+    run with the same options then never builds the teacher.
     """
     from ..mcmkd import finetune, output_paths
 
@@ -86,6 +94,11 @@ def finetune_cmd(**kw) -> None:
     kw["freeze_bn"] = not kw.pop("no_freeze_bn")
     path = finetune(FinetuneConfig(**kw))
     if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if kw["teacher_cache_only"]:
+        extra = json.loads(path.read_text())["extra"]
+        click.echo(f"teacher cache {path.parent}: {extra['patches_computed']} patches computed, "
+                   f"{extra['patches_cached']} already cached; summary {path.name}")  # fmt: skip
         return
     if path == output_paths(kw["out"])["state"]:
         click.echo(f"stopped early; state in {path} (continue with --resume)")

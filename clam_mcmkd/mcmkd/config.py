@@ -56,10 +56,12 @@ class FinetuneConfig:
     max_windows: int | None = None
     val_frac: float = 0.05
     max_val_windows: int = 256
-    num_workers: int = 0
+    num_workers: int | None = None  # None: the cores this process may use, less one
     teacher_batch_size: int = 64
     # run control
     resume: bool = False
+    teacher_cache_only: bool = False  # fill the teacher cache, train nothing
+    shard: str | None = None  # with teacher_cache_only: "I/N", this array job's part
     save_every: int = 50  # optimizer steps between resumable states
     stop_after_steps: int | None = None  # stop cleanly (resumable) after this many steps
     device: str = "auto"
@@ -101,7 +103,7 @@ def teacher_cache_dir(cfg: FinetuneConfig) -> Path:
 
 def validate_config(cfg: FinetuneConfig) -> None:
     """Every option checked before any slide is read or model built."""
-    from ..distributed import parse_timeout
+    from ..distributed import parse_shard, parse_timeout
     from ..encoders import STUDENT_ARCHS, EncoderError
     from ..encoders.forward import autocast_dtype
     from .losses import LOSSES
@@ -128,6 +130,13 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise EncoderError(f"{cfg.teacher_ckpt}: teacher checkpoint does not exist")
     autocast_dtype("cpu", cfg.precision)
     parse_timeout(cfg.dist_timeout)
+    if cfg.shard:
+        parse_shard(cfg.shard)
+        if not cfg.teacher_cache_only:
+            raise FinetuneError(
+                "--shard needs --teacher-cache-only: training is not split into array jobs "
+                "(use torchrun); array jobs fill the teacher cache"
+            )
 
 
 def _check_teacher_name(name: str) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..distributed import DistInfo, all_reduce_, all_reduce_grads, all_reduce_mean_
 from ..encoders import PatchTransforms
-from ..encoders.forward import autocast, model_input
+from ..encoders.forward import autocast, model_input, to_device
 from .config import FinetuneConfig
 from .losses import TargetStandardizer, mcmkd_loss_sums
 from .masking import num_masked, window_masks
@@ -129,12 +129,16 @@ def forward_windows(
     """Student on each visible patch alone, then the predictor on the window: (B, g^2, Dt)."""
     patches = batch["patches"]  # (B, g^2, P, P, 3) uint8, on the CPU like the mask
     b = patches.shape[0]
-    visible = patches[~mask]  # (B * n_vis, P, P, 3), row-major within each window
+    # the visible patches (B * n_vis, P, P, 3), row-major within each window; the indices come
+    # from the CPU-side mask, so the device never has to count a boolean mask
+    keep = torch.nonzero(~mask.reshape(-1)).squeeze(1)
+    flat = patches.reshape(-1, *patches.shape[2:])
+    visible = to_device(flat, device).index_select(0, to_device(keep, device))
     x = model_input(visible, learner.student_tf, device)
     with autocast(device, precision):
         tokens = learner.student(x)
-        tokens = tokens.reshape(b, len(visible) // max(b, 1), learner.student.out_dim)
-        return learner.predictor(tokens, mask.to(device, non_blocking=True)).float()
+        tokens = tokens.reshape(b, len(keep) // max(b, 1), learner.student.out_dim)
+        return learner.predictor(tokens, to_device(mask, device)).float()
 
 
 def train_step(
@@ -155,9 +159,9 @@ def train_step(
             window_masks(ix, cfg.grid, cfg.mask_ratio, cfg.mask_strategy, cfg.seed, epoch)
         )
         pred = forward_windows(learner, batch, mask, device, cfg.precision)
-        target = batch["teacher"].to(device, non_blocking=True).float()
+        target = to_device(batch["teacher"], device).float()
         pred, target = learner.standardizer.loss_space(pred, target, cfg.loss)
-        m_sum, v_sum = mcmkd_loss_sums(pred, target, mask.to(device), cfg.loss)
+        m_sum, v_sum = mcmkd_loss_sums(pred, target, to_device(mask, device), cfg.loss)
         loss = m_sum * masked_norm + (v_sum * visible_norm if cfg.visible_weight > 0 else 0.0)
         loss.backward()
         loss_sum += loss.detach()
@@ -199,6 +203,7 @@ def evaluate(
     student.eval()
     predictor.eval()
     idx = np.arange(len(dataset))[info.rank :: info.world_size]
+    mean = teacher_mean.to(device)
     # cos(pred), cos(mean), n masked: summed on the device, read once at the end
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for start in range(0, len(idx), max(1, cfg.batch_size)):
@@ -210,12 +215,10 @@ def evaluate(
         pred = learner.standardizer.inverse(
             forward_windows(learner, batch, mask, device, cfg.precision)
         )
-        target = batch["teacher"].to(device).float()
-        m = mask.to(device)
+        target = to_device(batch["teacher"], device).float()
+        m = to_device(mask, device)
         cos = nn.functional.cosine_similarity(pred, target, dim=-1)
-        cos_mean = nn.functional.cosine_similarity(
-            teacher_mean.to(device).expand_as(target), target, dim=-1
-        )
+        cos_mean = nn.functional.cosine_similarity(mean.expand_as(target), target, dim=-1)
         scored = [torch.where(m, c, 0.0).sum() for c in (cos, cos_mean)]  # no mask indexing
         sums += torch.stack([*scored, m.sum()]).double()
     sums = all_reduce_(sums, info).tolist()

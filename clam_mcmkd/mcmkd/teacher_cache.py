@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from ..encoders import Encoder, PatchTransforms, create_encoder, weights_source
-from ..encoders.forward import autocast_dtype, encode_patches
+from ..encoders.forward import autocast_dtype
 from ..utils import ClamMcmkdError, atomic_path, progress
 
 CACHE_FORMAT = "clam_mcmkd.teacher_cache/2"
@@ -249,69 +249,49 @@ def fill_cache(
     batch_size: int = 64,
     show_progress: bool = True,
     precision: str = "auto",
+    num_workers: int | None = 0,
 ) -> dict[str, int]:
-    """Compute the teacher features missing from the cache; the teacher is built only if needed."""
-    from ..slides import open_slide
+    """Compute the teacher features missing from the cache; the teacher is built only if needed.
 
-    teacher = None
+    The missing patches are found from coords alone, then read (tile-level, in `num_workers`
+    processes that read ahead while the teacher runs) and encoded through
+    :func:`~clam_mcmkd.patch_pipeline.encode_cohort`; each slide's rows are merged into its file
+    once the slide is done.
+    """
+    from ..patch_pipeline import SlideJob, encode_cohort
+
     stats = {"patches_cached": 0, "patches_computed": 0}
-    todo: list[tuple[int, list[int], set]] = []
+    jobs = []
     for s, windows in needed.items():
         sw = slides[s]
         have = {tuple(c) for c in cache.read_index(sw)}
-        missing_windows, missing = [], set()
+        missing: dict[tuple[int, int], None] = {}  # ordered: window by window, row-major
         for w in windows:
-            cells = {tuple(int(v) for v in c) for c in sw.patch_coords(w, grid)}
-            new = cells - have - missing
-            stats["patches_cached"] += len(cells & have)
-            if new:
-                missing_windows.append(w)
-                missing |= new
-        if missing_windows:
-            todo.append((s, missing_windows, missing))
-    total = sum(len(ws) for _, ws, _ in todo)
-    bar = progress(
-        total=total,
-        desc="teacher features",
-        unit="win",
-        **({} if show_progress else {"disable": True}),
-    )
-    for s, windows, missing in todo:
-        sw = slides[s]
-        if teacher is None:
-            teacher = make_teacher()
-        coords_out, feats_out = [], []
-        with open_slide(sw.slide_path) as slide:
-            for batch_coords, patches in _missing_patches(slide, sw, windows, grid, missing,
-                                                          batch_size, bar):  # fmt: skip
-                feats_out.append(encode_patches(teacher, patches, batch_size, device, precision))
-                coords_out += batch_coords
-        cache.merge(sw, np.asarray(coords_out), np.concatenate(feats_out))
-        stats["patches_computed"] += len(coords_out)
+            for c in sw.patch_coords(w, grid):
+                key = (int(c[0]), int(c[1]))
+                if key in have:
+                    stats["patches_cached"] += 1
+                else:
+                    missing[key] = None
+        if missing:
+            coords = np.asarray(list(missing), dtype=np.int64)
+            jobs.append(SlideJob(sw.slide_id, sw.slide_path, coords=coords,
+                                 patch_level=sw.patch_level, patch_size=sw.patch_size))  # fmt: skip
+    by_id = {slides[s].slide_id: slides[s] for s in needed}
+    bar = progress(total=sum(len(j.coords) for j in jobs), desc="teacher features",
+                   unit="patch", **({} if show_progress else {"disable": True}))  # fmt: skip
+    teacher = make_teacher() if jobs else None
+    for res in encode_cohort(teacher, jobs, batch_size=batch_size, num_workers=num_workers,
+                             device=device, precision=precision):  # fmt: skip
+        if res.error:
+            raise TeacherCacheError(f"teacher features of {res.slide_id}: {res.error}")
+        sw = by_id[res.slide_id]
+        cache.merge(sw, res.coords, res.features)
+        stats["patches_computed"] += len(res.coords)
+        bar.update(len(res.coords))
     bar.close()
     stats["teacher_built"] = int(teacher is not None)
     return stats
-
-
-def _missing_patches(slide, sw, windows, grid, missing: set, batch_size: int, bar):
-    """Batches ``(coords, uint8 patches)`` of the patches of `windows` not cached yet, each
-    patch once (windows may share patches), windows read with one ``read_region`` each."""
-    from .windows import read_window
-
-    buf_c, buf_p = [], []
-    for w in windows:
-        for c, p in zip(sw.patch_coords(w, grid), read_window(slide, sw, w, grid)):
-            key = (int(c[0]), int(c[1]))
-            if key in missing:
-                missing.discard(key)
-                buf_c.append(key)
-                buf_p.append(p)
-        bar.update(1)
-        if len(buf_p) >= batch_size:
-            yield buf_c, np.stack(buf_p)
-            buf_c, buf_p = [], []
-    if buf_p:
-        yield buf_c, np.stack(buf_p)
 
 
 class CacheReader:

@@ -26,12 +26,16 @@ from ..distributed import (
     all_reduce_sum,
     barrier,
     distributed_run,
+    parse_shard,
     parse_timeout,
     shard,
+    shard_file_name,
+    shard_of,
 )
 from ..encoders import create_encoder
 from ..encoders.forward import prepare_encoder
-from ..utils import progress, resolve_device
+from ..patch_pipeline import default_num_workers
+from ..utils import RunSummary, progress, resolve_device
 from .config import FinetuneConfig, output_paths, teacher_cache_dir, validate_config
 from .losses import TargetStandardizer
 from .outputs import run_metrics, write_run_outputs
@@ -99,7 +103,8 @@ class Progress:
 def finetune(cfg: FinetuneConfig) -> Path:
     """Run MCM-KD and write the student checkpoint (+ metrics, plot, config); returns its path.
 
-    A run stopped by ``stop_after_steps`` returns the path of its resume state instead.
+    A run stopped by ``stop_after_steps`` returns the path of its resume state instead; a
+    ``teacher_cache_only`` run (its ``shard`` of) the teacher cache's summary file.
     """
     validate_config(cfg)
     timeout_s = parse_timeout(cfg.dist_timeout)
@@ -107,7 +112,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
         paths = output_paths(cfg.out)
         plan = plan_windows(cfg)
         log.info("%s", plan.summary.line())
-        targets = teacher_targets(cfg, plan, device, info)
+        cache, stats = fill_teacher_cache(cfg, plan, device, info)
+        if cfg.teacher_cache_only:
+            return write_fill_summary(cfg, plan, stats, info)
+        targets = teacher_targets(cfg, plan, cache, stats)
         run = build(cfg, plan, targets, device, info)
         prog = restore(cfg, plan, run, targets, paths, device, info)
         if not train_steps(cfg, run, prog, paths, device, info):
@@ -115,11 +123,28 @@ def finetune(cfg: FinetuneConfig) -> Path:
         return write_outputs(cfg, plan, targets, run, prog, paths, device, info)
 
 
-def teacher_targets(
+def reading_workers(cfg: FinetuneConfig, info: DistInfo) -> int:
+    """--num-workers, or the cores this rank may use less one (the node's cores shared)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return default_num_workers(info.local_world_size)
+
+
+def cache_work(cfg: FinetuneConfig, plan: WindowPlan) -> list[tuple[int, list[int]]]:
+    """(slide index, windows) whose patches this job caches: every training and validation
+    window, or its ``--shard`` of them (slides balanced by window count)."""
+    items = sorted(windows_by_slide(plan.train + plan.val).items())
+    if cfg.shard:
+        items = shard_of(items, *parse_shard(cfg.shard), [len(ws) for _, ws in items])
+    return items
+
+
+def fill_teacher_cache(
     cfg: FinetuneConfig, plan: WindowPlan, device: str, info: DistInfo
-) -> TeacherTargets:
-    """Teacher features, computed at most once per patch (each rank fills its share of the
-    cache), then read from disk; the teacher is built only when some patch is not cached."""
+) -> tuple[TeacherCache, dict]:
+    """Teacher features computed at most once per patch: each rank (and each ``--shard``)
+    fills its share of the cache, by patch count; the teacher is built only when some patch is
+    not cached. Returns the cache and the counts summed over ranks."""
     cache_dir = teacher_cache_dir(cfg)
     built: dict = {}
 
@@ -136,19 +161,40 @@ def teacher_targets(
         input_size=cfg.teacher_input_size, device=device, precision=cfg.precision,
     )  # fmt: skip
     cache = TeacherCache(cache_dir, spec)
-    needed = windows_by_slide(plan.train + plan.val)
-    items = sorted(needed.items())
+    items = cache_work(cfg, plan)
     mine = dict(shard(items, info, sizes=[len(windows) for _, windows in items]))
     show = cfg.progress and info.is_main
     stats = fill_cache(cache, plan.slides, mine, cfg.grid, make_teacher, device,
                        cfg.teacher_batch_size, show_progress=show,
-                       precision=cfg.precision)  # fmt: skip
+                       precision=cfg.precision, num_workers=reading_workers(cfg, info))  # fmt: skip
     built.clear()  # the teacher is not needed any more: free its memory
     barrier(info)
     stats = dict(zip(stats, all_reduce_sum([float(v) for v in stats.values()], info)))
-    reader = CacheReader(cache, plan.slides, needed)
+    return cache, stats
+
+
+def teacher_targets(
+    cfg: FinetuneConfig, plan: WindowPlan, cache: TeacherCache, stats: dict
+) -> TeacherTargets:
+    """The teacher feature of every training and validation patch, read from the cache, and
+    their statistics over the training patches."""
+    reader = CacheReader(cache, plan.slides, windows_by_slide(plan.train + plan.val))
     dim, mean, std = teacher_stats(reader, plan.slides, windows_by_slide(plan.train), cfg.grid)
-    return TeacherTargets(reader, dim, mean, std, stats, cache_dir)
+    return TeacherTargets(reader, dim, mean, std, stats, cache.dir)
+
+
+def write_fill_summary(cfg: FinetuneConfig, plan: WindowPlan, stats: dict, info: DistInfo) -> Path:
+    """A --teacher-cache-only run's record (one per --shard): what it computed and found."""
+    path = teacher_cache_dir(cfg) / shard_file_name("teacher_cache_summary.json", cfg.shard)
+    if info.is_main:
+        done = [plan.slides[s].slide_id for s, _ in cache_work(cfg, plan)]
+        summary = RunSummary(stage="teacher-cache", done=done)
+        summary.extra.update({k: int(v) for k, v in stats.items()}, shard=cfg.shard,
+                             teacher=cfg.teacher)  # fmt: skip
+        summary.write(path)
+        log.warning("teacher cache %s: %s", path.parent, summary.line())
+    barrier(info)
+    return path
 
 
 def build(
@@ -242,7 +288,7 @@ def train_steps(
     step_plan = [run.batches.micro_batches(s) for s in range(start, end)]
     lists = [m for *_, micro in step_plan for m in micro]
     cuda = str(device).startswith("cuda")
-    loader = iter(make_loader(run.train_set, lists, cfg.num_workers, pin_memory=cuda))
+    loader = iter(make_loader(run.train_set, lists, reading_workers(cfg, info), pin_memory=cuda))
     stream = micro_batch_stream(loader, lists, run.empty)
     pending: list = []  # history rows whose loss is still a device tensor
     for step, (epoch, n_step, micro) in zip(range(start, end), step_plan):

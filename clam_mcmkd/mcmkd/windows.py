@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..clam.formats import CoordsH5
-from ..slides import Slide, open_slide
+from ..patch_loader import PatchReader
+from ..slides import Slide
 from ..utils import ClamMcmkdError
 
 log = logging.getLogger("clam_mcmkd.mcmkd")
@@ -114,27 +115,31 @@ class WindowRef:
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """Windows as uint8 patch stacks plus their level-0 coords; slides opened once per worker."""
+    """Windows as uint8 patch stacks plus their level-0 coords, read through the slide's own
+    JPEG tiles (:meth:`PatchReader.read_window`, equal to :func:`read_window`, several times
+    faster than OpenSlide's ``read_region``); slides opened once per worker."""
 
     def __init__(self, slides: list[SlideWindows], refs: list[WindowRef], grid: int, teacher=None):
         self.slides = slides
         self.refs = list(refs)
         self.grid = grid
         self.teacher = teacher  # a teacher_cache.CacheReader, or None
-        self._open: dict[int, Slide] = {}
+        self._open: dict[int, PatchReader] = {}
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def _slide(self, i: int) -> Slide:
+    def _reader(self, i: int) -> PatchReader:
         if i not in self._open:
-            self._open[i] = open_slide(self.slides[i].slide_path)
+            sw = self.slides[i]
+            self._open[i] = PatchReader(sw.slide_path, sw.patch_level, sw.patch_size)
         return self._open[i]
 
     def __getitem__(self, k: int) -> dict:
         ref = self.refs[k]
         sw = self.slides[ref.slide]
-        patches = read_window(self._slide(ref.slide), sw, ref.window, self.grid)
+        x, y = (int(v) for v in sw.origins[ref.window])
+        patches = self._reader(ref.slide).read_window(x, y, self.grid)
         coords = sw.patch_coords(ref.window, self.grid)
         item = {
             "patches": torch.from_numpy(patches),
@@ -152,8 +157,8 @@ class WindowDataset(torch.utils.data.Dataset):
         return state
 
     def close(self) -> None:
-        for slide in self._open.values():
-            slide.close()
+        for reader in self._open.values():
+            reader.close()
         self._open.clear()
         if self.teacher is not None:
             self.teacher.close()
