@@ -252,3 +252,32 @@ def test_cuda_on_this_machine_names_what_was_found(tmp_path):
     assert result.exit_code == 1, result.output
     assert "Error: --device cuda asked, but torch.cuda.is_available() is False" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.parametrize("command", ["finetune", "train", "eval", "benchmark", "demo", "doctor"])
+def test_every_device_option_is_checked_first(command, tmp_path):
+    """--device cuda on this machine: every command that takes --device answers with one line
+    naming what was found, before it reads or writes anything."""
+    from clam_mcmkd.cli import main
+
+    csv = tmp_path / "data.csv"
+    csv.write_text("case_id,slide_id,label\nc0,s0,normal\n")
+    out = tmp_path / "out"
+    args = {
+        "finetune": ["--data-h5-dir", str(tmp_path), "--data-slide-dir", str(tmp_path),
+                     "--csv-path", str(csv), "--teacher", "resnet18", "--out", str(out / "x.pt")],
+        "train": ["--data-root-dir", str(tmp_path), "--csv-path", str(csv), "--split-dir",
+                  str(tmp_path), "--exp-code", "x", "--results-dir", str(out)],
+        "eval": ["--data-root-dir", str(tmp_path), "--csv-path", str(csv), "--models-dir",
+                 str(tmp_path / "models"), "--eval-dir", str(out)],
+        "benchmark": ["--config", "demo", "--slides", str(tmp_path), "--labels", str(csv),
+                      "--out", str(out)],
+        "demo": ["--out", str(out)],
+        "doctor": [],
+    }[command]  # fmt: skip
+    result = CliRunner().invoke(main, [command, *args, "--device", "cuda"])
+    assert result.exit_code == 1, result.output
+    assert "Error: --device cuda asked, but torch.cuda.is_available() is False" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()

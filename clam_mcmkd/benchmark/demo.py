@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cohort import CohortConfig
-from ..utils import field_default
+from ..utils import field_default, resolve_device
 from .config import BenchmarkConfig, load_config, with_overrides
 
 
@@ -70,6 +70,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     from .run import run_benchmark
 
     cfg = resolve(cfg)
+    resolve_device(cfg.device)  # before the cohort is made
     out = Path(cfg.out)
     make_cohort(out / "cohort", n_slides=cfg.n_slides, size=cfg.size, seed=cfg.seed)
     return run_benchmark(benchmark_config(cfg))

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..clam import formats
 from ..clam.runner import CLAM_EXTRACT_MODELS, CLAM_SCRIPTS, clam_extract, clam_task_for, clam_train
 from ..mil.models import get_mil_model, list_mil_models
-from ..utils import ClamMcmkdError, atomic_write_text, to_jsonable
+from ..utils import ClamMcmkdError, atomic_write_text, resolve_device, to_jsonable
 from .config import MCMKD_ENCODER, BenchmarkConfig
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ def _check_inputs(cfg: BenchmarkConfig) -> None:
         no_clam = [m for m in cfg.mil.models if get_mil_model(m).clam_args is None]
         if no_clam:
             raise BenchmarkError(f"CLAM's main.py cannot train {no_clam}; run without --clam-dir")
+    resolve_device(cfg.device)  # a device this machine lacks: one line, before any stage runs
 
 
 def _slide_ext(cfg: BenchmarkConfig) -> str:

@@ -102,6 +102,7 @@ def _load_fold_model(cfg: EvalConfig, fold: int, n_classes: int, embed_dim: int)
 
 def evaluate(cfg: EvalConfig) -> Path:
     """Evaluate saved fold checkpoints; writes summary.csv, per-fold predictions and pkl."""
+    resolve_device(cfg.device)  # a device this machine lacks: before anything is read
     models_dir = Path(cfg.models_dir)
     run = run_config(models_dir)
     cfg = _with_run_defaults(cfg, run)
