@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import torch
+from click.testing import CliRunner
 
-from clam_mcmkd.doctor import run_doctor
+from clam_mcmkd.cli import main
+from clam_mcmkd.doctor import DoctorReport, ProbeSizes, Row, probe_finetune_ranks
 
 
-def test_doctor_runs_the_cpu_half_and_says_what_it_skipped(tmp_path):
-    report = run_doctor("cpu", workdir=tmp_path, quick=True)
-    rows = {(r.section, r.name): r for r in report.rows}
-    assert rows[("version", "torch")].value == torch.__version__.split("+")[0]
-    assert rows[("version", "libopenslide")].value
+def test_doctor_runs_the_cpu_half_and_says_what_it_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the probe slide is made
+    result = CliRunner().invoke(
+        main, ["doctor", "--device", "cpu", "--quick", "--seconds", "0.2", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = {(r["section"], r["name"]): r for r in json.loads(result.output)["rows"]}
+    assert rows[("version", "torch")]["value"] == torch.__version__.split("+")[0]
+    assert rows[("version", "libopenslide")]["value"]
     if not torch.cuda.is_available():
-        assert "torch.cuda.is_available() is False" in rows[("gpu", "none")].note
-    probes = [r for r in report.rows if r.section == "probe"]
-    names = [r.name for r in probes]
+        assert "torch.cuda.is_available() is False" in rows[("gpu", "none")]["note"]
+    probes = [r for r in rows.values() if r["section"] == "probe"]
+    names = [r["name"] for r in probes]
     for expected in (
         "loader",
         "model",
@@ -29,11 +36,13 @@ def test_doctor_runs_the_cpu_half_and_says_what_it_skipped(tmp_path):
     ):
         assert any(n.startswith(expected) or expected in n for n in names), (expected, names)
     for r in probes:
-        assert isinstance(r.value, float) and math.isfinite(r.value) and r.value > 0, r
-        assert r.unit and r.note
-    skipped = {r.name: r.note for r in report.rows if r.section == "skipped"}
+        assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] > 0, r
+        assert r["unit"] and r["note"]
+    skipped = {r["name"]: r["note"] for r in rows.values() if r["section"] == "skipped"}
     assert "needs >= 2 GPUs" in skipped["2-rank NCCL all-reduce"]
     assert skipped["2-rank fine-tune step"]
+    assert list(tmp_path.iterdir()) == []  # the probe slide is cleaned up
+    report = DoctorReport([Row(**r) for r in json.loads(result.output)["rows"]])
     table = report.table()
     assert (
         all(r.name in table for r in report.rows)
@@ -41,4 +50,11 @@ def test_doctor_runs_the_cpu_half_and_says_what_it_skipped(tmp_path):
     )
     again = json.loads(report.to_json())
     assert [r["name"] for r in again["rows"]] == [r.name for r in report.rows]
-    assert list(tmp_path.iterdir()) == []  # the probe slide is cleaned up
+
+
+def test_two_rank_finetune_probe_runs_the_trainer_step_on_gloo():
+    """The probe doctor runs on 2 GPUs (NCCL, spawned ranks), here on 2 forked gloo ranks:
+    the trainer's own step, each rank half the windows, gradients summed across them."""
+    sizes = ProbeSizes.for_device("cpu", quick=True)
+    rate = probe_finetune_ranks("cpu", sizes)
+    assert math.isfinite(rate) and rate > 0

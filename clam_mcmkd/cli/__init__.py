@@ -1,8 +1,8 @@
 """The ``clam-mcmkd`` command line: commands only; each parses options and calls its stage.
 
 One module per command group (:mod:`.data`, :mod:`.extract`, :mod:`.finetune`, :mod:`.mil`,
-:mod:`.clam`, :mod:`.bench`); option defaults come from the stages' config dataclasses
-(:mod:`.options`). torch, timm and tiatoolbox are imported inside the commands that need them,
+:mod:`.clam`, :mod:`.bench`, :mod:`.doctor`); option defaults come from the stages' config
+dataclasses (:mod:`.options`). torch, timm and tiatoolbox are imported inside the commands that need them,
 so ``--help`` answers at once. Every dashed option also accepts CLAM's underscore spelling
 (``--data-h5-dir`` and ``--data_h5_dir``).
 """
@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..utils import ClamMcmkdError
-from . import bench, clam, data, extract, finetune, mil
+from . import bench, clam, data, doctor, extract, finetune, mil
 
 
 class _Group(click.Group):
@@ -56,7 +56,7 @@ def main(verbose: int) -> None:
     )
 
 
-for _group in (data, extract, finetune, mil, clam, bench):
+for _group in (data, extract, finetune, mil, clam, bench, doctor):
     for _command in _group.COMMANDS:
         main.add_command(_command)
 
