@@ -1,5 +1,9 @@
 """MCM-KD fine-tuning speed: windows/s with a cold teacher cache and with a warm one.
 
+Also, in the same run, how fast the training windows are read (no model): one OpenSlide
+``read_region`` per window (``windows.read_window``, what fine-tuning used before) against the
+slide's own JPEG tiles (``WindowDataset``: ``PatchReader.read_window``, what it uses now).
+
 The teacher is paid at most once per patch: the first run computes its features and writes the
 cache, the second run (same teacher, same cache dir) reads them and never builds the teacher.
 
@@ -46,6 +50,32 @@ def counting_teacher_builds():
         yield builds
     finally:
         trainer.build_teacher = real
+
+
+def window_read_rates(cfg: FinetuneConfig, repeats: int = 3) -> dict[str, float]:
+    """Windows/s reading every training window, OpenSlide vs tiles (best of `repeats`)."""
+    from clam_mcmkd.mcmkd import plan_windows
+    from clam_mcmkd.mcmkd.windows import WindowDataset, read_window
+    from clam_mcmkd.slides import open_slide
+
+    plan = plan_windows(cfg)
+    best = {"openslide": 0.0, "tiles": 0.0}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        slides = {}
+        for ref in plan.train:
+            sw = plan.slides[ref.slide]
+            if ref.slide not in slides:
+                slides[ref.slide] = open_slide(sw.slide_path)
+            read_window(slides[ref.slide], sw, ref.window, cfg.grid)
+        best["openslide"] = max(best["openslide"], len(plan.train) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        dataset = WindowDataset(plan.slides, plan.train, cfg.grid)
+        for k in range(len(dataset)):
+            dataset[k]
+        dataset.close()
+        best["tiles"] = max(best["tiles"], len(plan.train) / (time.perf_counter() - t0))
+    return best
 
 
 def main() -> None:
@@ -135,6 +165,12 @@ def main() -> None:
     print(
         f"student {args.student}@{args.input_size}: {s_cost['gflops_per_patch']:.3f} GFLOPs/patch, "
         f"teacher {args.teacher}@{args.teacher_input_size}: ~{t_cost_at:.3f} GFLOPs/patch"
+    )
+    reads = window_read_rates(cfg)
+    print(
+        f"window reads, {len(rows) and rows[0]['windows']} windows of {args.grid}x{args.grid} "
+        f"(best of 3, no model): openslide {reads['openslide']:.1f} windows/s, "
+        f"tiles {reads['tiles']:.1f} windows/s (x{reads['tiles'] / reads['openslide']:.2f})"
     )
     header = list(rows[0])
     print("| " + " | ".join(header) + " |")
