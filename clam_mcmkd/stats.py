@@ -1,0 +1,324 @@
+"""Slide-level statistics for comparing encoders: averaged predictions, DeLong, bootstrap CIs.
+
+How the field compares two feature extractors on one fixed test set (pROC's conventions):
+
+1. :func:`average_slide_probabilities` - every test slide gets ONE probability per encoder, the
+   mean over folds and MIL seeds. Folds and seeds are training noise; the slides are the
+   sample. (Pooling k folds' predictions into one ROC counts each slide k times.)
+2. :func:`delong_test` - DeLong's test for two correlated AUCs on the same slides, with the
+   fast O(n log n) structural components of Sun & Xu (2014).
+3. :func:`paired_bootstrap_delta_auc` - a paired, label-stratified percentile bootstrap CI of
+   ΔAUC over test slides (pROC's ``boot.stratified=TRUE``, 2000 resamples by default).
+4. :func:`pooled_delta_auc` - the same over several cohort seeds (independent replicate
+   cohorts): the estimand is the unweighted mean of the per-seed ΔAUC.
+
+Plus :func:`pretext_scores`, the masked-patch prediction metrics measured against the
+predict-the-mean baseline (R² and cosine of standardised features).
+
+numpy/scipy only, so it has no place in the pipeline's import graph (it moves to
+``benchmark/`` later and must import nothing that moves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# --------------------------------------------------------------------------- predictions
+
+
+def average_slide_probabilities(
+    rows,
+    keys: Sequence[str] = (),
+    slide_col: str = "slide_id",
+    label_col: str = "label",
+    prob_col: str = "prob",
+):
+    """One probability per (keys..., slide): the mean over every other replicate (fold, seed).
+
+    `rows` is a long table (pandas DataFrame), one row per slide per run. Returns a DataFrame
+    with ``keys + [slide_col, label_col, prob_col, "n_runs"]``. A slide whose label differs
+    between runs is an error (the runs disagree about the data).
+    """
+    import pandas as pd
+
+    rows = pd.DataFrame(rows)
+    group = [*keys, slide_col]
+    labels = rows.groupby(group, sort=True)[label_col].nunique()
+    if (labels > 1).any():
+        bad = labels[labels > 1].index[0]
+        raise ValueError(f"slide {bad} has different labels in different runs")
+    out = rows.groupby(group, sort=True).agg(
+        **{
+            label_col: (label_col, "first"),
+            prob_col: (prob_col, "mean"),
+            "n_runs": (prob_col, "size"),
+        }
+    )
+    return out.reset_index()
+
+
+# --------------------------------------------------------------------------- AUC and DeLong
+
+
+def _check_binary(labels, *scores) -> tuple[np.ndarray, list[np.ndarray]]:
+    y = np.asarray(labels).astype(int).ravel()
+    if not set(np.unique(y)) <= {0, 1}:
+        raise ValueError(f"labels must be 0/1, got {sorted(set(np.unique(y)))}")
+    if y.sum() == 0 or y.sum() == len(y):
+        raise ValueError("AUC needs at least one positive and one negative slide")
+    out = []
+    for s in scores:
+        s = np.asarray(s, dtype=float).ravel()
+        if s.shape != y.shape:
+            raise ValueError(f"{len(s)} scores for {len(y)} labels")
+        if not np.isfinite(s).all():
+            raise ValueError("scores must be finite")
+        out.append(s)
+    return y, out
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (Sun & Xu's midrank, along the last axis)."""
+    from scipy.stats import rankdata
+
+    return rankdata(x, axis=-1)
+
+
+def delong_components(labels, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs and their DeLong covariance matrix for k predictors of the same slides.
+
+    `scores` is (k, n). Fast DeLong (Sun & Xu 2014, IEEE SPL 21:1389): the structural
+    components V10 (one per positive) and V01 (one per negative) come from midranks within the
+    positives, within the negatives and over all slides, so the cost is O(k n log n).
+    Returns ``(aucs (k,), cov (k, k))`` with cov = S10 / m + S01 / n.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    y, rows = _check_binary(labels, *scores)
+    s = np.stack(rows)
+    pos, neg = s[:, y == 1], s[:, y == 0]
+    m, n = pos.shape[1], neg.shape[1]
+    t_pos, t_neg = _midranks(pos), _midranks(neg)
+    t_all = _midranks(np.concatenate([pos, neg], axis=1))
+    aucs = (t_all[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    v10 = (t_all[:, :m] - t_pos) / n  # P(score of this positive > a random negative)
+    v01 = 1.0 - (t_all[:, m:] - t_neg) / m  # P(a random positive > this negative)
+    s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((len(s), len(s)))
+    s01 = np.atleast_2d(np.cov(v01)) if n > 1 else np.zeros((len(s), len(s)))
+    return aucs, s10 / m + s01 / n
+
+
+def auc(labels, scores) -> float:
+    """ROC AUC (Mann-Whitney, ties count one half): equals sklearn's roc_auc_score."""
+    return float(delong_components(labels, np.asarray(scores, dtype=float)[None])[0][0])
+
+
+def _two_sided(z: float) -> float:
+    from scipy.stats import norm
+
+    return float(2 * norm.sf(abs(z)))
+
+
+@dataclass(frozen=True)
+class DeLongResult:
+    auc_a: float
+    auc_b: float
+    delta: float  # auc_a - auc_b
+    var: float  # DeLong variance of delta
+    z: float
+    p: float  # two-sided
+
+    @property
+    def se(self) -> float:
+        return float(np.sqrt(max(self.var, 0.0)))
+
+
+def _z_test(delta: float, var: float) -> tuple[float, float]:
+    if var <= 0:  # identical predictors, or both perfect: no evidence of a difference
+        if delta == 0:
+            return 0.0, 1.0
+        return float(np.sign(delta) * np.inf), 0.0
+    z = delta / np.sqrt(var)
+    return float(z), _two_sided(z)
+
+
+def delong_test(labels, scores_a, scores_b) -> DeLongResult:
+    """DeLong's test for two correlated AUCs (same slides): H0 AUC_a == AUC_b.
+
+    As pROC's ``roc.test(method="delong", paired=TRUE)``; identical predictors give z = 0,
+    p = 1.
+    """
+    y, (a, b) = _check_binary(labels, scores_a, scores_b)
+    aucs, cov = delong_components(y, np.stack([a, b]))
+    delta = float(aucs[0] - aucs[1])
+    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    var = 0.0 if abs(var) < 1e-15 else var  # rounding of equal components
+    z, p = _z_test(delta, var)
+    return DeLongResult(float(aucs[0]), float(aucs[1]), delta, var, z, p)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    delta: float  # on the original slides
+    ci_low: float
+    ci_high: float
+    n_resamples: int
+    confidence: float
+
+
+def _pair_matrix(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """psi[i, j] = 1 if positive i outranks negative j, 1/2 on a tie, else 0."""
+    d = pos[:, None] - neg[None, :]
+    return (d > 0) + 0.5 * (d == 0)
+
+
+def stratified_resample_indices(labels, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_resamples, N) slide indices: each row draws the positives from the positives and the
+    negatives from the negatives, with replacement (pROC's stratified bootstrap)."""
+    y = np.asarray(labels).astype(int).ravel()
+    parts = [np.flatnonzero(y == c) for c in (1, 0)]
+    return np.concatenate(
+        [p[rng.integers(0, len(p), size=(n_resamples, len(p)))] for p in parts], axis=1
+    )
+
+
+def _stratified_delta_draws(labels, a, b, n_resamples: int, rng: np.random.Generator):
+    """ΔAUC on `n_resamples` label-stratified resamples of the slides.
+
+    Why not ``scipy.stats.bootstrap(paired=True)``: it resamples slides from the pooled set,
+    so the class counts vary between resamples (and a resample can lack a class, where AUC is
+    undefined). pROC's stratified bootstrap keeps m positives and n negatives in every
+    resample. With the pair matrix psi, a resample's AUC is w_pos' psi w_neg / (m n), w being
+    how often each slide was drawn, so all resamples cost one einsum.
+    """
+    y, (a, b) = _check_binary(labels, a, b)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    psi = _pair_matrix(a[pos], a[neg]) - _pair_matrix(b[pos], b[neg])
+    idx = stratified_resample_indices(y, n_resamples, rng)
+    counts = np.zeros((n_resamples, len(y)))
+    np.add.at(counts, (np.arange(n_resamples)[:, None], idx), 1)
+    return np.einsum("ri,ij,rj->r", counts[:, pos], psi, counts[:, neg]) / (len(pos) * len(neg))
+
+
+def _percentile_ci(draws: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(draws, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def paired_bootstrap_delta_auc(
+    labels, scores_a, scores_b, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> BootstrapResult:
+    """Percentile CI of AUC_a - AUC_b from a paired, label-stratified bootstrap of slides.
+
+    Paired: each resample draws slides, and both predictors are scored on the same draw, so the
+    correlation between the two AUCs is kept. Seeded: the same inputs and seed give the same CI.
+    """
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    draws = _stratified_delta_draws(
+        labels, scores_a, scores_b, n_resamples, np.random.default_rng(seed)
+    )
+    delta = auc(labels, scores_a) - auc(labels, scores_b)
+    low, high = _percentile_ci(draws, confidence)
+    return BootstrapResult(float(delta), low, high, int(n_resamples), float(confidence))
+
+
+# --------------------------------------------------------------------------- pooling over seeds
+
+
+@dataclass(frozen=True)
+class PooledResult:
+    delta: float  # unweighted mean over groups of the per-group ΔAUC
+    ci_low: float
+    ci_high: float
+    var: float  # DeLong variance of that mean: sum(var_g) / G^2
+    z: float
+    p: float
+    per_group: tuple[DeLongResult, ...]
+    n_resamples: int
+
+
+def pooled_delta_auc(
+    groups: Sequence[tuple], n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> PooledResult:
+    """ΔAUC pooled over independent cohort seeds; `groups` = [(labels, scores_a, scores_b), ...].
+
+    The estimand is the unweighted mean of the per-seed ΔAUC (each seed is an exchangeable
+    replicate cohort of the same design and test-set size). Both statistics target it:
+
+    - bootstrap: stratified by seed, then by label - every resample redraws each seed's test
+      slides within their class and averages the per-seed ΔAUC; percentile CI.
+    - DeLong: the per-seed ΔAUCs are independent (different slides), so var(mean) =
+      sum(var_g) / G^2 and z = mean / sqrt(var) (a Stouffer-type combination with equal weights).
+
+    Why not inverse-variance weights: the DeLong variance shrinks towards 0 as an AUC nears 1,
+    so a seed at the ceiling would get almost all of the weight; and why not one ROC over all
+    seeds' slides: scores from different cohorts' MIL models are not on one scale.
+    """
+    if not groups:
+        raise ValueError("no groups to pool")
+    rng = np.random.default_rng(seed)
+    per_group = tuple(delong_test(*g) for g in groups)
+    draws = np.mean([_stratified_delta_draws(*g, n_resamples, rng) for g in groups], axis=0)
+    delta = float(np.mean([r.delta for r in per_group]))
+    var = float(sum(r.var for r in per_group) / len(per_group) ** 2)
+    z, p = _z_test(delta, var)
+    low, high = _percentile_ci(draws, confidence)
+    return PooledResult(delta, low, high, var, z, p, per_group, int(n_resamples))
+
+
+# --------------------------------------------------------------------------- pretext metrics
+
+
+def pretext_scores(pred, target, reference=None, eps: float = 1e-6) -> dict[str, float]:
+    """How well masked-patch predictions match the teacher, against predicting the mean.
+
+    `pred`, `target`: (N, D) predicted and true teacher features of masked patches;
+    `reference`: (M, D) teacher features whose mean and per-dimension std standardise both
+    (the training split's targets; default: `target`). Raw cosine flatters a constant guess
+    when all features share a large common component (the mean feature alone scored 0.93-0.99
+    before), so the scores are taken on standardised features:
+
+    - ``r2``: 1 - SSE / SST summed over dimensions (variance-weighted R²). Predicting the mean
+      of the evaluated targets scores exactly 0, any constant scores <= 0.
+    - ``r2_mean_baseline``: R² of predicting the reference mean (0 when reference = target).
+    - ``cos_std``: mean cosine of standardised prediction and target (a constant = the
+      reference mean scores 0: the zero vector, counted as cosine 0).
+    - ``cos_raw`` and ``cos_raw_mean_baseline``: the raw cosine and the same for the mean
+      reference feature, to show how much of the raw number a constant already gets.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    ref = target if reference is None else np.asarray(reference, dtype=np.float64)
+    if pred.shape != target.shape or pred.ndim != 2 or ref.ndim != 2:
+        raise ValueError(f"pred {pred.shape} and target {target.shape} must be the same (N, D)")
+    if ref.shape[1] != target.shape[1] or len(target) < 2:
+        raise ValueError("need >= 2 targets and a reference of the same width")
+    mu, sd = ref.mean(axis=0), ref.std(axis=0)
+    sd = np.maximum(sd, eps * max(float(sd.max()), eps))  # dead dimensions do not blow up
+    zt, zp = (target - mu) / sd, (pred - mu) / sd
+    sst = float(((zt - zt.mean(axis=0)) ** 2).sum())
+    return {
+        "r2": 1.0 - float(((zp - zt) ** 2).sum()) / sst,
+        "r2_mean_baseline": 1.0 - float((zt**2).sum()) / sst,
+        "cos_std": float(np.mean(_rowwise_cosine(zp, zt))),
+        "cos_raw": float(np.mean(_rowwise_cosine(pred, target))),
+        "cos_raw_mean_baseline": float(np.mean(_rowwise_cosine(mu[None, :], target))),
+        "n": int(len(target)),
+    }
+
+
+def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.broadcast_to(a, b.shape)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    denom = na * nb
+    out = np.zeros(len(b))
+    ok = denom > 0
+    out[ok] = (a[ok] * b[ok]).sum(axis=1) / denom[ok]
+    return out
