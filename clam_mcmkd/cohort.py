@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from .clam.formats import write_dataset_csv
-from .utils import atomic_path, atomic_write_text, field_default, progress, save_config
+from .synthetic_tiff import write_pyramid
+from .utils import atomic_write_text, field_default, progress, save_config
 
 LABELS = ("normal", "tumor")
+KINDS = ("blobs", "fields")
 
 
 @dataclass
@@ -50,10 +52,21 @@ class CohortConfig:
     mask_step: int = 16  # level-0 pixels per cell of the coarse shape grid
     stain_jitter: float = 0.06  # per-slide colour variation, so colour alone is no label
     slide_prefix: str = "slide"
+    # "blobs": the texture-bank slides above; "fields": tissue classes as smooth random fields
+    # with a regional label (see cohort_fields), where context can matter
+    kind: str = "blobs"
+    texture_source: str | None = None  # fields only: a slide to take real texture from
 
     def __post_init__(self):
         if not 0.0 <= self.tumor_contrast <= 1.0:
             raise ValueError(f"tumor_contrast must be in [0, 1], got {self.tumor_contrast}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.texture_source is not None:
+            if self.kind != "fields":
+                raise ValueError("texture_source needs kind='fields'")
+            if not Path(self.texture_source).is_file():
+                raise ValueError(f"{self.texture_source}: texture source slide does not exist")
 
 
 # --------------------------------------------------------------------------- texture bank
@@ -276,27 +289,6 @@ class _SlideRenderer:
                 yield strip[:, tx * t : (tx + 1) * t]
 
 
-def _halve(img: np.ndarray) -> np.ndarray:
-    h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
-    part = img[:h, :w].astype(np.uint16)
-    return (
-        (part[0::2, 0::2] + part[1::2, 0::2] + part[0::2, 1::2] + part[1::2, 1::2] + 2) // 4
-    ).astype(np.uint8)
-
-
-def _aperio_description(width: int, height: int, cfg: CohortConfig) -> str:
-    """Aperio-style ImageDescription: OpenSlide reads the pages as levels, tifffile and
-    tiatoolbox see an SVS with its mpp (and objective power, unless it is left out)."""
-    fields = [
-        f"Aperio Image Library (clam-mcmkd synthetic) \r\n{width}x{height} [0,0 {width}x{height}]"
-        f" ({cfg.tile_size}x{cfg.tile_size}) JPEG/RGB Q={cfg.jpeg_quality}",
-        f"MPP = {cfg.mpp:g}",
-    ]
-    if cfg.write_objective_power:
-        fields.insert(1, f"AppMag = {10.0 / cfg.mpp:g}")
-    return "|".join(fields)
-
-
 def make_slide(
     path: str | os.PathLike,
     *,
@@ -307,8 +299,6 @@ def make_slide(
     cfg: CohortConfig | None = None,
 ) -> dict:
     """Write one synthetic slide; returns its ground truth (tissue and tumour, level-0 px)."""
-    import tifffile
-
     cfg = cfg or CohortConfig(out_dir=str(Path(path).parent))
     width, height = int(size), int(height or size)
     if min(width, height) < 2 * cfg.tile_size:
@@ -316,43 +306,7 @@ def make_slide(
             f"slide side must be at least {2 * cfg.tile_size} px, got {width}x{height}"
         )
     renderer = _SlideRenderer(cfg, width, height, seed, positive)
-    px_per_cm = 1e4 / cfg.mpp
-    t = cfg.tile_size
-    common = dict(
-        tile=(t, t),
-        photometric="rgb",
-        compression="jpeg",
-        compressionargs={"level": cfg.jpeg_quality},
-        resolutionunit="CENTIMETER",
-        metadata=None,
-    )
-    big = width * height * 3 > 2**31
-    description = _aperio_description(width, height, cfg)
-    with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=big) as tif:
-            tif.write(
-                renderer.tiles(),
-                shape=(height, width, 3),
-                dtype=np.uint8,
-                resolution=(px_per_cm, px_per_cm),
-                description=description,
-                **common,
-            )
-            # Aperio layout: page 1 is a stripped thumbnail, pages 2.. are the reduced levels
-            thumb = renderer.level1
-            while max(thumb.shape[:2]) > 1024:
-                thumb = _halve(thumb)
-            tif.write(thumb, photometric="rgb", compression="jpeg", metadata=None)
-            level, ds = renderer.level1, 2
-            while max(level.shape[:2]) >= cfg.min_level_side and min(level.shape[:2]) >= 16:
-                tif.write(
-                    level,
-                    resolution=(px_per_cm / ds, px_per_cm / ds),
-                    description=f"Aperio Image Library (clam-mcmkd) {width}x{height} -> "
-                    f"{level.shape[1]}x{level.shape[0]}",
-                    **common,
-                )
-                level, ds = _halve(level), ds * 2
+    write_pyramid(path, renderer.tiles(), renderer.level1, width, height, cfg)
     step = cfg.mask_step
     truth = {
         "width": width,
@@ -448,7 +402,11 @@ def make_cohort(
         ann_path = out / "annotations" / f"{row['slide_id']}.json"
         if slide_path.is_file() and _same_slide(ann_path, row, cfg):
             continue  # resume: this exact slide was made before
-        truth = make_slide(
+        make = make_slide
+        if cfg.kind == "fields":
+            from .cohort_fields import make_fields_slide as make
+
+        truth = make(
             slide_path,
             size=cfg.size,
             height=cfg.height,
@@ -476,6 +434,8 @@ def _same_slide(ann_path: Path, row: dict, cfg: CohortConfig) -> bool:
         and ann.get("height") == (cfg.height or cfg.size)
         and ann.get("mpp") == cfg.mpp
         and ann.get("tumor_contrast", 1.0) == cfg.tumor_contrast
+        and ann.get("kind", "blobs") == cfg.kind
+        and ann.get("texture_source") == cfg.texture_source
     )
 
 

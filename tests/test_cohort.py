@@ -198,3 +198,142 @@ def test_cli_make_cohort_tumor_contrast_resumes_only_same_contrast(tmp_path):
     assert CliRunner().invoke(main, args).exit_code == 0  # default contrast: slides redone
     assert slide.stat().st_mtime_ns != made
     assert read_annotation(tmp_path, "slide_000").get("tumor_contrast") is None
+
+
+# --------------------------------------------------------------------------- kind="fields"
+
+
+def _fields_cfg(tmp_path, **kw):
+    return CohortConfig(out_dir=str(tmp_path), kind="fields", tumor_frac=0.2, **kw)
+
+
+def _hematoxylin(img: np.ndarray) -> np.ndarray:
+    from clam_mcmkd.cohort_fields import _STAINS, _to_od
+
+    return (_to_od(img.astype(np.float32)) @ np.linalg.inv(_STAINS))[..., 0]
+
+
+def test_fields_slide_readable_seeded_with_maps(tmp_path):
+    from tiatoolbox.wsicore.wsireader import WSIReader
+
+    from clam_mcmkd.cohort_fields import CLASSES, make_fields_slide, read_maps
+
+    cfg = _fields_cfg(tmp_path, tumor_contrast=0.5)
+    truth = make_fields_slide(
+        tmp_path / "a.tif", size=768, height=512, seed=3, positive=True, cfg=cfg
+    )
+    make_fields_slide(tmp_path / "b.tif", size=768, height=512, seed=3, positive=True, cfg=cfg)
+    make_fields_slide(tmp_path / "c.tif", size=768, height=512, seed=4, positive=True, cfg=cfg)
+    assert _sha(tmp_path / "a.tif") == _sha(tmp_path / "b.tif")
+    assert _sha(tmp_path / "a.tif") != _sha(tmp_path / "c.tif")
+    with open_slide(tmp_path / "a.tif") as slide:
+        assert slide.backend == "openslide" and slide.dimensions == (768, 512)
+        assert slide.mpp == pytest.approx(0.5)
+    info = WSIReader.open(str(tmp_path / "a.tif")).info
+    assert tuple(info.slide_dimensions) == (768, 512)
+    assert truth["kind"] == "fields" and truth["classes"] == list(CLASSES)
+    assert truth["tumor_area_px"] > 0 and truth["tumor_bbox"] is not None
+    maps = read_maps(tmp_path, "a")  # written beside the annotations of cfg.out_dir
+    assert maps["classes"].shape == maps["atypia"].shape == (512 // 16, 768 // 16)
+    assert set(np.unique(maps["classes"])) <= set(range(len(CLASSES)))
+    assert 0.0 <= maps["atypia"].min() and maps["atypia"].max() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_fields_classes_span_several_patches(tmp_path):
+    """Context carries information: a 64 px patch's class is predictable from its neighbour's."""
+    from clam_mcmkd.cohort_fields import make_fields_slide, read_maps
+
+    kappas = []
+    for seed in range(3):
+        make_fields_slide(
+            tmp_path / f"n{seed}.tif", size=1024, seed=seed, cfg=_fields_cfg(tmp_path)
+        )
+        maps = read_maps(tmp_path, f"n{seed}")
+        c, t = maps["classes"], maps["tissue"]
+        both = t[:, :-4] & t[:, 4:]  # cells 64 px apart, both in tissue
+        agree = (c[:, :-4] == c[:, 4:])[both].mean()
+        p = np.bincount(c[t], minlength=4) / t.sum()
+        kappas.append((agree - (p**2).sum()) / (1 - (p**2).sum()))  # agreement beyond chance
+    assert np.mean(kappas) > 0.35
+
+
+def test_fields_contrast_knob_scales_the_regional_change(tmp_path):
+    """At contrast 0 a positive slide is pixel for pixel its seed's negative (the label leaves
+    no trace); above it, hematoxylin in the region (vs the rest of the same slide) rises with
+    the contrast, and the region's classes fragment into nests."""
+    from clam_mcmkd.cohort_fields import FieldsRenderer
+
+    def render(contrast, seed, positive=True):
+        return FieldsRenderer(
+            _fields_cfg(tmp_path, tumor_contrast=contrast), 768, 768, seed, positive
+        )
+
+    gaps, switches = {}, {}
+    for seed in (1, 2):
+        neg, zero = render(1.0, seed, positive=False), render(0.0, seed)
+        assert np.array_equal(neg.image, zero.image) and zero.atypia.max() > 0.99
+        for contrast, r in ((0.0, zero), (0.5, render(0.5, seed)), (1.0, render(1.0, seed))):
+            a = np.kron(r.atypia, np.ones((16, 16)))
+            tissue = np.kron(r.tissue, np.ones((16, 16), bool))
+            h = _hematoxylin(r.image)
+            gap = h[a > 0.8].mean() - h[tissue & (a == 0)].mean()
+            inside = r.atypia[:, :-1] > 0.8
+            switch = (r.classes[:, :-1] != r.classes[:, 1:])[inside].mean()
+            gaps.setdefault(contrast, []).append(gap)
+            switches.setdefault(contrast, []).append(switch)
+    # the same slide at a higher contrast (class composition of the region fixed by the seed)
+    lift = {c: np.mean(gaps[c]) - np.mean(gaps[0.0]) for c in gaps}
+    assert lift[0.5] > 0.05 and lift[1.0] > lift[0.5] + 0.05
+    assert np.mean(switches[1.0]) > np.mean(switches[0.0]) + 0.1
+
+
+def test_fields_real_texture_from_a_source_slide(tmp_path):
+    """texture_source: the classes are quilted from the source's pixels. The source here is a
+    generated cyan texture (no pink at all), so the test needs no real data."""
+    from clam_mcmkd.cohort_fields import FieldsRenderer
+    from clam_mcmkd.synthetic_tiff import halve, write_pyramid
+
+    rng = np.random.default_rng(0)
+    cyan = np.clip(rng.normal([70, 170, 190], 25, (1024, 1024, 3)), 0, 255).astype(np.uint8)
+    tiles = (
+        cyan[y : y + 256, x : x + 256] for y in range(0, 1024, 256) for x in range(0, 1024, 256)
+    )
+    src_cfg = CohortConfig(out_dir=str(tmp_path))
+    write_pyramid(tmp_path / "src.tif", tiles, halve(cyan), 1024, 1024, src_cfg)
+    cfg = _fields_cfg(tmp_path, tumor_contrast=0.5, texture_source=str(tmp_path / "src.tif"))
+    real = FieldsRenderer(cfg, 768, 768, 5, positive=True)
+    procedural = FieldsRenderer(_fields_cfg(tmp_path, tumor_contrast=0.5), 768, 768, 5, True)
+    tissue = np.kron(real.tissue, np.ones((16, 16), bool))[:768, :768]
+    tissue &= np.kron(real.atypia, np.ones((16, 16)))[:768, :768] == 0  # away from the region
+    real_rgb = real.image[tissue].astype(float).mean(axis=0)
+    proc_rgb = procedural.image[tissue].astype(float).mean(axis=0)
+    assert real_rgb[0] < real_rgb[1] - 30  # cyan from the source survives the stain jitter
+    assert proc_rgb[0] > proc_rgb[1] + 30  # the procedural look is pink
+    with pytest.raises(ValueError, match="does not exist"):
+        _fields_cfg(tmp_path, texture_source=str(tmp_path / "missing.svs"))
+    with pytest.raises(ValueError, match="kind"):
+        CohortConfig(out_dir=str(tmp_path), kind="stripes")
+
+
+def test_make_cohort_fields_resume_and_patch_truth(tmp_path):
+    from clam_mcmkd.cohort_fields import patch_truth, read_maps
+
+    csv = make_cohort(tmp_path, n_slides=2, size=512, seed=2, kind="fields", tumor_frac=0.3)
+    df = read_dataset_csv(csv)
+    slide = tmp_path / "slides" / "slide_000.tif"
+    made = slide.stat().st_mtime_ns
+    make_cohort(tmp_path, n_slides=2, size=512, seed=2, kind="fields", tumor_frac=0.3)
+    assert slide.stat().st_mtime_ns == made  # same kind: resumed
+    ann = read_annotation(tmp_path, "slide_000")
+    assert ann["kind"] == "fields" and ann["label"] == df["label"][0]
+    maps = read_maps(tmp_path, "slide_000")
+    coords = np.array([[0, 0], [64, 128], [448, 448]])
+    classes, atypia = patch_truth(maps, coords, 64)
+    for (x, y), c, a in zip(coords, classes, atypia):
+        block = maps["classes"][y // 16 : y // 16 + 4, x // 16 : x // 16 + 4]
+        assert c == np.bincount(block.ravel()).argmax()
+        expected = maps["atypia"][y // 16 : y // 16 + 4, x // 16 : x // 16 + 4]
+        assert a == pytest.approx(expected.astype(np.float32).mean(), abs=1e-3)
+    make_cohort(tmp_path, n_slides=2, size=512, seed=2, tumor_frac=0.3)  # blobs: redone
+    assert slide.stat().st_mtime_ns != made
+    assert "kind" not in read_annotation(tmp_path, "slide_000")  # default annotation unchanged
