@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..cohort import CohortConfig
+from ..cohort import KINDS, CohortConfig
 from ..splits import SplitConfig
 from ..tiling import TileConfig
 from ..tissue import MASK_METHODS
@@ -22,7 +22,13 @@ from .options import config_option, label_dict_option, option
 @config_option(CohortConfig, "tumor_contrast",
                help="Difficulty: 1 = distinct tumour texture, lower = closer to normal tissue (0-1).")  # fmt: skip
 @config_option(CohortConfig, "mpp", help="Microns per pixel (0.5 = 20x).")
-def make_cohort_cmd(out_dir, n_slides, size, seed, positive_frac, tumor_frac, tumor_contrast, mpp):
+@config_option(CohortConfig, "kind", type=click.Choice(KINDS),
+               help="blobs: a tumour blob of distinct texture; fields: tissue classes as smooth "
+               "random fields and a regional label, where context can matter.")  # fmt: skip
+@option("--texture-source", type=click.Path(exists=True, dir_okay=False),
+        help="fields: a slide to take real texture from (e.g. an H&E svs).")  # fmt: skip
+def make_cohort_cmd(out_dir, n_slides, size, seed, positive_frac, tumor_frac, tumor_contrast, mpp,
+                    kind, texture_source):  # fmt: skip
     """Generate a seeded synthetic cohort: OUT_DIR/slides/*.tif and OUT_DIR/dataset.csv."""
     from ..cohort import make_cohort
 
@@ -32,7 +38,8 @@ def make_cohort_cmd(out_dir, n_slides, size, seed, positive_frac, tumor_frac, tu
         raise click.BadParameter("--tumor-contrast must be in [0, 1]")
     csv_path = make_cohort(
         out_dir, n_slides=n_slides, size=size, seed=seed, positive_frac=positive_frac,
-        tumor_frac=tumor_frac, tumor_contrast=tumor_contrast, mpp=mpp,
+        tumor_frac=tumor_frac, tumor_contrast=tumor_contrast, mpp=mpp, kind=kind,
+        texture_source=texture_source,
     )  # fmt: skip
     click.echo(f"wrote {n_slides} slides to {csv_path.parent / 'slides'} and {csv_path}")
 
