@@ -322,3 +322,31 @@ def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ok = denom > 0
     out[ok] = (a[ok] * b[ok]).sum(axis=1) / denom[ok]
     return out
+
+
+# --------------------------------------------------------------------------- feature health
+
+
+def feature_health(features) -> dict[str, float]:
+    """Is an encoder an instrument at all? Collapse checks on (N, D) patch features.
+
+    - ``cos_to_mean``: mean cosine of each feature to the mean feature (random-init encoders
+      scored 0.96-0.998: every patch nearly the same vector);
+    - ``rel_std``: mean per-dimension std across patches / norm of the mean feature;
+    - ``effective_rank``: exp of the entropy of the normalised singular values of the centred
+      features (Roy & Vetterli 2007): 1 = one direction of variation, D = isotropic.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"need (N >= 2, D) features, got shape {x.shape}")
+    mean = x.mean(axis=0)
+    sv = np.linalg.svd(x - mean, compute_uv=False)
+    p = sv / sv.sum() if sv.sum() > 0 else np.ones(1)
+    p = p[p > 0]
+    return {
+        "cos_to_mean": float(np.mean(_rowwise_cosine(mean[None, :], x))),
+        "rel_std": float(x.std(axis=0).mean() / (np.linalg.norm(mean) + 1e-12)),
+        "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
+        "n": int(len(x)),
+        "dim": int(x.shape[1]),
+    }

@@ -198,3 +198,18 @@ def test_pretext_scores_against_the_mean_baseline():
     assert with_ref["r2_mean_baseline"] < 0
     with pytest.raises(ValueError, match="same"):
         pretext_scores(target[:, :3], target)
+
+
+def test_feature_health_tells_collapsed_from_spread_features():
+    from clam_mcmkd.stats import feature_health
+
+    rng = np.random.default_rng(0)
+    collapsed = 10 + 0.05 * rng.normal(0, 1, (300, 64))  # one big shared vector
+    spread = rng.normal(0, 1, (300, 64))
+    low_rank = rng.normal(0, 1, (300, 3)) @ rng.normal(0, 1, (3, 64))
+    c, s, r = feature_health(collapsed), feature_health(spread), feature_health(low_rank)
+    assert c["cos_to_mean"] > 0.99 and s["cos_to_mean"] < 0.3
+    assert c["rel_std"] < 0.01 < s["rel_std"]
+    assert s["effective_rank"] > 45 and r["effective_rank"] < 3.5
+    with pytest.raises(ValueError):
+        feature_health(spread[:1])
