@@ -1,0 +1,405 @@
+"""Does MCM-KD make better features for MIL? An experiment that can fail (issue 13).
+
+Phase 1 (this file now): the instruments and the calibration - offline baseline and teacher,
+the "fields" cohort (context can matter), features, per-fold z-scoring, ABMIL, slide-level
+statistics. Phase 2 adds the fine-tune arms (mcmkd, patch_kd, random_teacher, sham) to ARMS
+and runs the full design; every stage below resumes from its files.
+
+Design (fixed before any MCM-KD run; see notes/issue13-calibration.md):
+- shared encoders (``<workdir>/encoders``): ``baseline`` = resnet18_trunc pretrained on
+  procedural non-histology images (ImageNet's role); ``teacher`` = resnet50_trunc trained on
+  the tissue classes of a separate fields cohort with no atypia (never the label);
+  ``random_teacher`` = the same architecture untrained; ``random_init`` = resnet18_trunc at
+  its seeded init (instrument check only).
+- per cohort seed (``<workdir>/c<contrast>/seed<s>``): a fields cohort, tiled at 64 px / 20x
+  (1:1 encoder input), a fixed stratified test set (``--test-per-class`` per class), k folds of
+  train/val over the rest, features per arm, z-scored copies per fold (statistics from the
+  fold's training slides), ABMIL for each MIL seed, feature_norm none and zscore.
+- outputs per contrast: ``runs.csv`` (one row per arm, cohort seed, MIL seed, norm, fold,
+  test slide: the probability), ``mcmkd_effect.csv`` (test AUC of fold-averaged probabilities
+  per arm, cohort seed, MIL seed, norm), ``instruments.csv``, ``timings.csv``.
+
+    python benchmarks/bench_mcmkd_effect.py --workdir /tmp/effect --contrast 0.5 \\
+        --cohort-seeds 0 1 2 3 4 --arms untuned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clam_mcmkd.clam_io import read_coords_h5, read_dataset_csv, read_features, write_features
+from clam_mcmkd.cohort import make_cohort
+from clam_mcmkd.utils import atomic_write_text
+
+PATCH = 64  # level-0 px at 20x = the encoders' input size (no resize: CPU budget)
+TEACHER_COHORT_SEED = 9000  # the teacher's cohort: never a cohort seed of the experiment
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Timer:
+    """Wall time per stage, appended to a CSV (what the full-run estimate is built from)."""
+
+    def __init__(self, path: Path, **tags):
+        self.path, self.tags = path, tags
+
+    def __call__(self, stage: str, fn, *args, **kw):
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        row = {**self.tags, "stage": stage, "seconds": round(time.perf_counter() - t0, 2)}
+        pd.DataFrame([row]).to_csv(self.path, mode="a", header=not self.path.is_file(), index=False)
+        log(f"{stage}: {row['seconds']} s")
+        return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def cohort_stage(root: Path, n: int, seed: int, args, contrast: float) -> Path:
+    """Fields cohort + 64 px tiling; returns the dataset CSV (resumes inside both calls)."""
+    from clam_mcmkd.tiling import TileConfig, tile_slides
+
+    csv = make_cohort(
+        root / "cohort", n_slides=n, size=args.size, seed=seed, kind="fields",
+        tumor_contrast=contrast, tumor_frac=args.region_frac, two_slide_case_frac=0.0,
+        texture_source=args.texture_source,
+    )  # fmt: skip
+    tile_slides(
+        TileConfig(
+            source=str(root / "cohort" / "slides"), save_dir=str(root / "tiles"),
+            patch_size=PATCH, step_size=PATCH,
+        )
+    )  # fmt: skip
+    return csv
+
+
+def cohort_patches(root: Path, slide_ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """uint8 patches and coords per slide (the tiles' coords, read through the fast loader)."""
+    from clam_mcmkd.patch_loader import iter_patch_batches
+
+    out = {}
+    for sid in slide_ids:
+        h5 = root / "tiles" / "patches" / f"{sid}.h5"
+        if not h5.is_file():
+            continue
+        coords = read_coords_h5(h5)
+        slide = root / "cohort" / "slides" / f"{sid}.tif"
+        imgs = np.concatenate([b.numpy() for b in iter_patch_batches(slide, coords, 512)])
+        out[sid] = (imgs, coords.coords)
+    return out
+
+
+def patch_labels(root: Path, per_slide: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from clam_mcmkd.cohort_fields import patch_truth, read_maps
+
+    return {
+        sid: patch_truth(read_maps(root / "cohort", sid), coords, PATCH)
+        for sid, (_, coords) in per_slide.items()
+    }
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def encoders_stage(work: Path, args) -> dict[str, Path]:
+    """The shared encoder checkpoints (made once, reused by every cohort seed and contrast)."""
+    from clam_mcmkd.proxy_pretrain import (
+        FitConfig,
+        pretrain_baseline,
+        save_random_encoder,
+        train_teacher,
+    )  # fmt: skip
+
+    out = work / "encoders"
+    out.mkdir(parents=True, exist_ok=True)
+    timer = Timer(work / "timings_encoders.csv")
+    paths = {k: out / f"{k}.pt" for k in ("baseline", "teacher", "random_teacher", "random_init")}
+    info = (
+        json.loads((out / "encoders.json").read_text()) if (out / "encoders.json").is_file() else {}
+    )
+    if not paths["baseline"].is_file():
+        cfg = FitConfig(steps=args.baseline_steps, input_size=PATCH, seed=0)
+        info["baseline"] = timer("pretrain_baseline", pretrain_baseline, paths["baseline"], cfg)
+    if not paths["random_init"].is_file():
+        save_random_encoder(paths["random_init"], FitConfig(input_size=PATCH, seed=0))
+    if not paths["random_teacher"].is_file():
+        cfg = FitConfig(arch="resnet50_trunc", input_size=PATCH, seed=1)
+        info["random_teacher"] = save_random_encoder(paths["random_teacher"], cfg)
+    if not paths["teacher"].is_file() and (args.instruments or "teacher" in args.arms):
+        root = work / "teacher_cohort"
+        csv = timer("teacher_cohort", cohort_stage, root, args.teacher_slides,
+                    TEACHER_COHORT_SEED, args, 0.0)  # fmt: skip
+        per_slide = cohort_patches(root, read_dataset_csv(csv)["slide_id"])
+        truth = patch_labels(root, per_slide)
+        x = np.concatenate([p for p, _ in per_slide.values()])
+        y = np.concatenate([truth[s][0] for s in per_slide])
+        cfg = FitConfig(arch="resnet50_trunc", steps=args.teacher_steps, input_size=PATCH,
+                        lr=1e-3, augment=True, seed=2)  # fmt: skip
+        info["teacher"] = timer("train_teacher", train_teacher, paths["teacher"], x, y, cfg)
+        info["teacher"]["class_counts"] = np.bincount(y, minlength=4).tolist()
+    atomic_write_text(out / "encoders.json", json.dumps(info, indent=2) + "\n")
+    return paths
+
+
+def features_stage(root: Path, csv: Path, name: str, ckpt: Path) -> Path:
+    from clam_mcmkd.features import ExtractConfig, extract_features
+
+    feat_dir = root / "feats" / name
+    extract_features(
+        ExtractConfig(
+            data_h5_dir=str(root / "tiles"), data_slide_dir=str(root / "cohort" / "slides"),
+            csv_path=str(csv), feat_dir=str(feat_dir), model="mcmkd_resnet50", ckpt=str(ckpt),
+            slide_ext=".tif", pretrained=False, device="cpu", batch_size=256,
+        )
+    )  # fmt: skip
+    return feat_dir
+
+
+# --------------------------------------------------------------------------- splits, z-score
+
+
+def splits_stage(root: Path, csv: Path, args, seed: int) -> Path:
+    """A fixed test set (`--test-per-class` slides per class, drawn with the cohort seed) and
+    k folds of train/val over the other slides."""
+    from clam_mcmkd.splits import SplitConfig, make_splits
+
+    split_dir = root / "splits"
+    if (split_dir / f"splits_{args.folds - 1}.csv").is_file():
+        return split_dir
+    df = read_dataset_csv(csv)
+    rng = np.random.default_rng(seed)
+    test = []
+    for label in sorted(df["label"].unique()):
+        ids = df.loc[df["label"] == label, "slide_id"].to_numpy()
+        test += sorted(rng.choice(ids, args.test_per_class, replace=False).tolist())
+    fixed = root / "fixed_test.csv"
+    atomic_write_text(fixed, "slide_id\n" + "\n".join(test) + "\n")
+    make_splits(
+        SplitConfig(
+            csv_path=str(csv), split_dir=str(split_dir), k=args.folds, val_frac=args.val_frac,
+            test_frac=0.0, seed=1, fixed_test=str(fixed),
+        )
+    )  # fmt: skip
+    return split_dir
+
+
+def zscore_stage(feat_dir: Path, split_dir: Path, fold: int) -> Path:
+    """Standardised copies for one fold: mean/std per dimension over the training slides'
+    patches (what ``train --feature-norm zscore`` will do inside MIL in phase 2)."""
+    from clam_mcmkd.clam_io import features_done, read_splits
+
+    out = feat_dir.parent.parent / "feats_z" / feat_dir.name / f"fold{fold}"
+    split = read_splits(split_dir, fold)
+    slides = [s for key in ("train", "val", "test") for s in split[key]]
+    if all(features_done(out, s) for s in slides):
+        return out
+    train = np.concatenate([read_features(feat_dir, s) for s in split["train"]]).astype(np.float64)
+    mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
+    for sid in slides:
+        feats, coords = read_features(feat_dir, sid, with_coords=True)
+        write_features(out, sid, ((feats - mean) / std).astype(np.float32), coords)
+    np.savez(out / "zscore_stats.npz", mean=mean, std=std)
+    return out
+
+
+# --------------------------------------------------------------------------- MIL
+
+
+def _mil_run(data_dir: Path, csv: Path, split_dir: Path, results: Path, exp: str, seed: int,
+             args, folds: list[int]) -> list[pd.DataFrame]:  # fmt: skip
+    from clam_mcmkd.mil import TrainConfig, train
+
+    cfg = TrainConfig(
+        data_root_dir=str(data_dir), csv_path=str(csv), split_dir=str(split_dir),
+        results_dir=str(results), exp_code=exp, model_type="abmil", k=args.folds,
+        k_start=folds[0], k_end=folds[-1] + 1, max_epochs=args.mil_epochs, seed=seed,
+        device="cpu", label_dict={"normal": 0, "tumor": 1},
+    )  # fmt: skip
+    train(cfg)
+    frames = []
+    for fold in folds:
+        pred = pd.read_csv(cfg.run_dir / f"fold_{fold}_predictions.csv")
+        frames.append(pred.assign(fold=fold, mil_seed=seed))
+    return frames
+
+
+def mil_stage(root: Path, csv: Path, split_dir: Path, arm: str, args) -> pd.DataFrame:
+    """ABMIL per MIL seed on raw and on z-scored features: per-slide test probabilities."""
+    frames = []
+    results = root / "mil"
+    folds = list(range(args.folds))
+    for seed in args.mil_seeds:
+        raw = _mil_run(root / "feats" / arm, csv, split_dir, results, f"{arm}_none", seed,
+                       args, folds)  # fmt: skip
+        frames += [f.assign(feature_norm="none") for f in raw]
+        for fold in folds:
+            z_dir = zscore_stage(root / "feats" / arm, split_dir, fold)
+            z = _mil_run(z_dir, csv, split_dir, results, f"{arm}_zscore_f{fold}", seed, args,
+                         [fold])  # fmt: skip
+            frames += [f.assign(feature_norm="zscore") for f in z]
+    runs = pd.concat(frames, ignore_index=True).rename(columns={"p_1": "prob", "Y": "y"})
+    return runs.assign(arm=arm)[
+        ["arm", "feature_norm", "mil_seed", "fold", "slide_id", "y", "prob"]
+    ]
+
+
+# --------------------------------------------------------------------------- instruments
+
+
+def _probe(feats: dict, targets: dict, kind: str) -> float:
+    """Linear probe with a slide split (even / odd slides): AUC (binary) or balanced accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    sids = sorted(feats)
+    parts = [sids[0::2], sids[1::2]]
+    (xtr, ytr), (xte, yte) = (
+        (np.concatenate([feats[s] for s in p]), np.concatenate([targets[s] for s in p]))
+        for p in parts
+    )
+    if len(set(ytr)) < 2 or len(set(yte)) < 2:
+        return float("nan")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1)).fit(xtr, ytr)
+    if kind == "auc":
+        return float(roc_auc_score(yte, clf.predict_proba(xte)[:, 1]))
+    return float(balanced_accuracy_score(yte, clf.predict(xte)))
+
+
+def instruments_stage(root: Path, csv: Path, encoders: dict[str, Path], max_slides: int = 24):
+    """Before any comparison: is each encoder collapsed, and what does it know? Feature health
+    on the cohort's patches; linear probes for the patch's tissue class and, in positive
+    slides, for lying in the atypical region (ground truth of the generator; diagnostics only,
+    never used for training)."""
+    from clam_mcmkd.encoders import create_encoder
+    from clam_mcmkd.features import encode_patches
+    from clam_mcmkd.stats import feature_health
+
+    out = root / "instruments.csv"
+    if out.is_file():
+        return pd.read_csv(out)
+    df = read_dataset_csv(csv)
+    sids = df["slide_id"].tolist()[:max_slides]
+    per_slide = cohort_patches(root, sids)
+    truth = patch_labels(root, per_slide)
+    positive = set(df.loc[df["label"] == "tumor", "slide_id"])
+    rows = []
+    for name, ckpt in encoders.items():
+        if not Path(ckpt).is_file():
+            continue
+        enc = create_encoder("mcmkd_resnet50", ckpt=ckpt)
+        feats = {s: encode_patches(enc, p, batch_size=256) for s, (p, _) in per_slide.items()}
+        health = feature_health(np.concatenate(list(feats.values())))
+        pos = {s: f for s, f in feats.items() if s in positive}
+        rows.append(
+            {
+                "encoder": name,
+                **health,
+                "probe_class_bal_acc": _probe(feats, {s: truth[s][0] for s in feats}, "acc"),
+                "probe_atypia_auc": _probe(pos, {s: truth[s][1] > 0.5 for s in pos}, "auc"),
+            }
+        )
+    table = pd.DataFrame(rows)
+    atomic_write_text(out, table.to_csv(index=False))
+    return table
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def auc_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Test AUC per (arm, cohort seed, MIL seed, norm) of fold-averaged probabilities, and per
+    (arm, cohort seed, norm) of fold- and seed-averaged ones (mil_seed = "all")."""
+    from clam_mcmkd.stats import auc, average_slide_probabilities
+
+    keys = ["arm", "cohort_seed", "feature_norm"]
+    rows = []
+    for by, tag in ((keys + ["mil_seed"], None), (keys, "all")):
+        avg = average_slide_probabilities(runs, keys=by, label_col="y")
+        for key, g in avg.groupby(by):
+            rec = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+            rec.setdefault("mil_seed", tag)
+            rec.update(test_auc=auc(g["y"], g["prob"]), n_test_slides=len(g))
+            rows.append(rec)
+    cols = ["arm", "cohort_seed", "mil_seed", "feature_norm", "test_auc", "n_test_slides"]
+    return pd.DataFrame(rows)[cols]
+
+
+ARMS = ("untuned", "teacher")  # phase 2: + mcmkd, patch_kd, random_teacher, sham
+
+
+def arm_checkpoint(arm: str, encoders: dict[str, Path]) -> Path:
+    if arm == "untuned":
+        return encoders["baseline"]
+    if arm == "teacher":
+        return encoders["teacher"]
+    raise SystemExit(f"arm {arm!r} is not implemented yet (phase 2); choices: {ARMS}")
+
+
+def run_cohort_seed(work: Path, seed: int, args, encoders: dict[str, Path]) -> pd.DataFrame:
+    root = work / f"c{args.contrast:g}" / f"seed{seed}"
+    timer = Timer(work / f"c{args.contrast:g}" / "timings.csv", cohort_seed=seed)
+    csv = timer("cohort+tile", cohort_stage, root, args.n_slides, 1000 + seed, args, args.contrast)
+    if args.instruments:
+        inst = timer("instruments", instruments_stage, root, csv, encoders)
+        log("instruments:\n" + inst.to_string(index=False, float_format="%.3f"))
+    split_dir = splits_stage(root, csv, args, seed)
+    frames = []
+    for arm in args.arms:
+        timer(f"features:{arm}", features_stage, root, csv, arm, arm_checkpoint(arm, encoders))
+        runs = timer(f"mil:{arm}", mil_stage, root, csv, split_dir, arm, args)
+        frames.append(runs.assign(cohort_seed=seed))
+    return pd.concat(frames, ignore_index=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--contrast", type=float, default=0.5, help="cohort difficulty (0-1)")
+    ap.add_argument("--cohort-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--mil-seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--arms", nargs="+", default=["untuned"], choices=ARMS)
+    ap.add_argument("--n-slides", type=int, default=64)
+    ap.add_argument("--test-per-class", type=int, default=12)
+    ap.add_argument("--val-frac", type=float, default=0.125)
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--mil-epochs", type=int, default=30)
+    ap.add_argument("--size", type=int, default=1024, help="slide side, level-0 px")
+    ap.add_argument("--region-frac", type=float, default=0.15, help="atypical share of tissue")
+    ap.add_argument("--texture-source", default=None, help="real texture from this slide")
+    ap.add_argument("--teacher-slides", type=int, default=24)
+    ap.add_argument("--teacher-steps", type=int, default=240)
+    ap.add_argument("--baseline-steps", type=int, default=400)
+    ap.add_argument("--instruments", action="store_true", help="feature health + probes first")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    encoders = encoders_stage(work, args)
+    out_dir = work / f"c{args.contrast:g}"
+    frames = [run_cohort_seed(work, s, args, encoders) for s in args.cohort_seeds]
+    runs = pd.concat(frames, ignore_index=True)
+    atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
+    table = auc_table(runs)
+    atomic_write_text(out_dir / "mcmkd_effect.csv", table.to_csv(index=False))
+    pooled = table[table["mil_seed"] == "all"]
+    print(pooled.to_string(index=False, float_format="%.3f"))
+    print(
+        pooled.groupby(["arm", "feature_norm"])["test_auc"].agg(["mean", "std", "min", "max"])
+        .to_string(float_format="%.3f")
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
