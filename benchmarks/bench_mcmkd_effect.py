@@ -233,6 +233,9 @@ def _mil_run(data_dir: Path, csv: Path, split_dir: Path, results: Path, exp: str
 
 def mil_stage(root: Path, csv: Path, split_dir: Path, arm: str, args) -> pd.DataFrame:
     """ABMIL per MIL seed on raw and on z-scored features: per-slide test probabilities."""
+    import torch
+
+    torch.set_num_threads(args.mil_threads)  # tiny ops: more threads only spin on 2 busy cores
     frames = []
     results = root / "mil"
     folds = list(range(args.folds))
@@ -245,6 +248,7 @@ def mil_stage(root: Path, csv: Path, split_dir: Path, arm: str, args) -> pd.Data
             z = _mil_run(z_dir, csv, split_dir, results, f"{arm}_zscore_f{fold}", seed, args,
                          [fold])  # fmt: skip
             frames += [f.assign(feature_norm="zscore") for f in z]
+    torch.set_num_threads(args.threads)
     runs = pd.concat(frames, ignore_index=True).rename(columns={"p_1": "prob", "Y": "y"})
     return runs.assign(arm=arm)[
         ["arm", "feature_norm", "mil_seed", "fold", "slide_id", "y", "prob"]
@@ -372,7 +376,7 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=12)
     ap.add_argument("--val-frac", type=float, default=0.125)
     ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--mil-epochs", type=int, default=30)
+    ap.add_argument("--mil-epochs", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024, help="slide side, level-0 px")
     ap.add_argument("--region-frac", type=float, default=0.15, help="atypical share of tissue")
     ap.add_argument("--texture-source", default=None, help="real texture from this slide")
@@ -380,7 +384,8 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=240)
     ap.add_argument("--baseline-steps", type=int, default=400)
     ap.add_argument("--instruments", action="store_true", help="feature health + probes first")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the encoders")
+    ap.add_argument("--mil-threads", type=int, default=1, help="torch threads for ABMIL")
     args = ap.parse_args()
     import torch
 

@@ -337,3 +337,15 @@ def test_make_cohort_fields_resume_and_patch_truth(tmp_path):
     make_cohort(tmp_path, n_slides=2, size=512, seed=2, tumor_frac=0.3)  # blobs: redone
     assert slide.stat().st_mtime_ns != made
     assert "kind" not in read_annotation(tmp_path, "slide_000")  # default annotation unchanged
+
+
+def test_cli_make_cohort_kind_fields(tmp_path):
+    out = tmp_path / "f"
+    args = ["make-cohort", str(out), "--n-slides", "2", "--size", "512", "--kind", "fields"]
+    result = CliRunner().invoke(main, args + ["--tumor-contrast", "0.4"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "cohort_config.json").read_text())
+    assert config["kind"] == "fields" and config["tumor_contrast"] == 0.4
+    assert (out / "annotations" / "slide_000.npz").is_file()
+    missing = CliRunner().invoke(main, args + ["--texture-source", str(tmp_path / "no.svs")])
+    assert missing.exit_code != 0 and "no.svs" in missing.output
