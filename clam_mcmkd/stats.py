@@ -15,7 +15,7 @@ How the field compares two feature extractors on one fixed test set (pROC's conv
 Plus :func:`pretext_scores`, the masked-patch prediction metrics measured against the
 predict-the-mean baseline (R² and cosine of standardised features).
 
-numpy/scipy only, so it has no place in the pipeline's import graph (it moves to
+numpy, scipy and pandas only, so it has no place in the pipeline's import graph (it moves to
 ``benchmark/`` later and must import nothing that moves).
 """
 
