@@ -221,7 +221,7 @@ def _source_cells(path: str, cell: int = 64, max_side: int = 4096, n_classes: in
     cells = img[: gh * cell, : gw * cell].reshape(gh, cell, gw, cell, 3).swapaxes(1, 2)
     od = _to_od(cells.reshape(gh * gw, cell * cell, 3).astype(np.float32))
     hed = od @ np.linalg.inv(_STAINS)  # (cells, px, 3) stain densities
-    tissue = od.sum(axis=2).mean(axis=1) > 0.25
+    tissue = od.sum(axis=2).mean(axis=1) > 0.6  # stained cells only: no near-white class
     feats = np.stack([hed[..., 0].mean(1), hed[..., 1].mean(1), hed[..., 0].std(1)], axis=1)
     feats = feats[tissue]
     if len(feats) < 4 * n_classes:
