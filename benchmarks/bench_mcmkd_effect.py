@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clam_mcmkd.clam_io import read_coords_h5, read_dataset_csv, read_features, write_features
+from clam_mcmkd.clam.formats import read_coords_h5, read_dataset_csv, read_features, write_features
 from clam_mcmkd.cohort import make_cohort
 from clam_mcmkd.utils import atomic_write_text
 
@@ -111,7 +111,7 @@ def patch_labels(root: Path, per_slide: dict) -> dict[str, tuple[np.ndarray, np.
 
 def encoders_stage(work: Path, args) -> dict[str, Path]:
     """The shared encoder checkpoints (made once, reused by every cohort seed and contrast)."""
-    from clam_mcmkd.proxy_pretrain import (
+    from clam_mcmkd.benchmark.proxy_pretrain import (
         FitConfig,
         pretrain_baseline,
         save_random_encoder,
@@ -194,7 +194,7 @@ def splits_stage(root: Path, csv: Path, args, seed: int) -> Path:
 def zscore_stage(feat_dir: Path, split_dir: Path, fold: int) -> Path:
     """Standardised copies for one fold: mean/std per dimension over the training slides'
     patches (what ``train --feature-norm zscore`` will do inside MIL in phase 2)."""
-    from clam_mcmkd.clam_io import features_done, read_splits
+    from clam_mcmkd.clam.formats import features_done, read_splits
 
     out = feat_dir.parent.parent / "feats_z" / feat_dir.name / f"fold{fold}"
     split = read_splits(split_dir, fold)
@@ -284,9 +284,8 @@ def instruments_stage(root: Path, csv: Path, encoders: dict[str, Path], max_slid
     on the cohort's patches; linear probes for the patch's tissue class and, in positive
     slides, for lying in the atypical region (ground truth of the generator; diagnostics only,
     never used for training)."""
-    from clam_mcmkd.encoders import create_encoder
-    from clam_mcmkd.features import encode_patches
-    from clam_mcmkd.stats import feature_health
+    from clam_mcmkd.benchmark.stats import feature_health
+    from clam_mcmkd.encoders import create_encoder, encode_patches
 
     out = root / "instruments.csv"
     if out.is_file():
@@ -323,7 +322,7 @@ def instruments_stage(root: Path, csv: Path, encoders: dict[str, Path], max_slid
 def auc_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Test AUC per (arm, cohort seed, MIL seed, norm) of fold-averaged probabilities, and per
     (arm, cohort seed, norm) of fold- and seed-averaged ones (mil_seed = "all")."""
-    from clam_mcmkd.stats import auc, average_slide_probabilities
+    from clam_mcmkd.benchmark.stats import auc, average_slide_probabilities
 
     keys = ["arm", "cohort_seed", "feature_norm"]
     rows = []
@@ -342,7 +341,7 @@ def delta_summary(runs: pd.DataFrame, pairs, n_resamples: int = 2000) -> pd.Data
     """ΔAUC of (arm_a, norm_a) - (arm_b, norm_b) pooled over cohort seeds (the pre-registered
     statistics: fold/seed-averaged slide probabilities, paired label-stratified bootstrap CI
     stratified by cohort seed, DeLong pooled with equal weights)."""
-    from clam_mcmkd.stats import average_slide_probabilities, pooled_delta_auc
+    from clam_mcmkd.benchmark.stats import average_slide_probabilities, pooled_delta_auc
 
     avg = average_slide_probabilities(
         runs, keys=["arm", "feature_norm", "cohort_seed"], label_col="y"

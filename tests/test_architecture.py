@@ -31,6 +31,7 @@ STAGES = {
     "cohort",
     "heatmap",
 }
+STAGES |= {"cohort_fields", "synthetic_tiff"}
 CORE = {"utils", "jobs", "distributed", "clam", "encoders"}
 ALLOWED = {
     "__init__": {"utils"},
@@ -45,7 +46,9 @@ ALLOWED = {
     "patch_loader": {"utils", "clam", "slides"},
     "patch_pipeline": {"utils", "clam", "encoders", "slides", "patch_loader"},
     "tiling": {"utils", "jobs", "clam", "slides", "tissue"},
-    "cohort": {"utils", "clam"},
+    "cohort": {"utils", "clam", "cohort_fields", "synthetic_tiff"},
+    "cohort_fields": {"utils", "slides", "cohort", "synthetic_tiff"},
+    "synthetic_tiff": {"utils"},
     "splits": {"utils", "clam"},
     "features": {"utils", "jobs", "distributed", "clam", "encoders", "patch_pipeline", "slides"},
     "heatmap": {"utils", "jobs", "clam", "encoders", "slides", "splits", "mil"},

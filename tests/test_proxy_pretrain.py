@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clam_mcmkd.encoders import create_encoder, read_student_checkpoint
-from clam_mcmkd.features import encode_patches
-from clam_mcmkd.proxy_pretrain import (
+from clam_mcmkd.benchmark.proxy_pretrain import (
     FitConfig,
     pretrain_baseline,
     proxy_images,
     save_random_encoder,
     train_teacher,
 )
+from clam_mcmkd.encoders import create_encoder, encode_patches, read_student_checkpoint
 
 
 def test_proxy_images_are_seeded_and_labelled():

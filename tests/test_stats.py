@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import r2_score, roc_auc_score
 
-from clam_mcmkd.stats import (
+from clam_mcmkd.benchmark.stats import (
     auc,
     average_slide_probabilities,
     delong_components,
@@ -96,7 +96,7 @@ def test_stratified_resamples_keep_class_counts():
 
 def test_bootstrap_draws_equal_direct_resampling():
     """The einsum shortcut equals scoring each resample with sklearn."""
-    from clam_mcmkd.stats import _stratified_delta_draws
+    from clam_mcmkd.benchmark.stats import _stratified_delta_draws
 
     y, a, b = _tied_case(1, n=30)
     draws = _stratified_delta_draws(y, a, b, 50, np.random.default_rng(9))
@@ -201,7 +201,7 @@ def test_pretext_scores_against_the_mean_baseline():
 
 
 def test_feature_health_tells_collapsed_from_spread_features():
-    from clam_mcmkd.stats import feature_health
+    from clam_mcmkd.benchmark.stats import feature_health
 
     rng = np.random.default_rng(0)
     collapsed = 10 + 0.05 * rng.normal(0, 1, (300, 64))  # one big shared vector

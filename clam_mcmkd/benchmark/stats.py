@@ -12,11 +12,9 @@ How the field compares two feature extractors on one fixed test set (pROC's conv
 4. :func:`pooled_delta_auc` - the same over several cohort seeds (independent replicate
    cohorts): the estimand is the unweighted mean of the per-seed ΔAUC.
 
-Plus :func:`pretext_scores`, the masked-patch prediction metrics measured against the
-predict-the-mean baseline (R² and cosine of standardised features).
-
-numpy, scipy and pandas only, so it has no place in the pipeline's import graph (it moves to
-``benchmark/`` later and must import nothing that moves).
+Plus :func:`feature_health` (how collapsed an encoder's features are) and, re-exported from
+the trainer's own metrics, :func:`pretext_scores` (masked-patch prediction against the
+predict-the-mean baseline). numpy, scipy and pandas only.
 """
 
 from __future__ import annotations
@@ -25,6 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..mcmkd.metrics import pretext_scores, rowwise_cosine
+
+__all__ = [
+    "BootstrapResult", "DeLongResult", "PooledResult", "auc", "average_slide_probabilities",
+    "delong_components", "delong_test", "feature_health", "paired_bootstrap_delta_auc",
+    "pooled_delta_auc", "pretext_scores", "stratified_resample_indices",
+]  # fmt: skip
 
 # --------------------------------------------------------------------------- predictions
 
@@ -273,57 +279,6 @@ def pooled_delta_auc(
     return PooledResult(delta, low, high, var, z, p, per_group, int(n_resamples))
 
 
-# --------------------------------------------------------------------------- pretext metrics
-
-
-def pretext_scores(pred, target, reference=None, eps: float = 1e-6) -> dict[str, float]:
-    """How well masked-patch predictions match the teacher, against predicting the mean.
-
-    `pred`, `target`: (N, D) predicted and true teacher features of masked patches;
-    `reference`: (M, D) teacher features whose mean and per-dimension std standardise both
-    (the training split's targets; default: `target`). Raw cosine flatters a constant guess
-    when all features share a large common component (the mean feature alone scored 0.93-0.99
-    before), so the scores are taken on standardised features:
-
-    - ``r2``: 1 - SSE / SST summed over dimensions (variance-weighted R²). Predicting the mean
-      of the evaluated targets scores exactly 0, any constant scores <= 0.
-    - ``r2_mean_baseline``: R² of predicting the reference mean (0 when reference = target).
-    - ``cos_std``: mean cosine of standardised prediction and target (a constant = the
-      reference mean scores 0: the zero vector, counted as cosine 0).
-    - ``cos_raw`` and ``cos_raw_mean_baseline``: the raw cosine and the same for the mean
-      reference feature, to show how much of the raw number a constant already gets.
-    """
-    pred = np.asarray(pred, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    ref = target if reference is None else np.asarray(reference, dtype=np.float64)
-    if pred.shape != target.shape or pred.ndim != 2 or ref.ndim != 2:
-        raise ValueError(f"pred {pred.shape} and target {target.shape} must be the same (N, D)")
-    if ref.shape[1] != target.shape[1] or len(target) < 2:
-        raise ValueError("need >= 2 targets and a reference of the same width")
-    mu, sd = ref.mean(axis=0), ref.std(axis=0)
-    sd = np.maximum(sd, eps * max(float(sd.max()), eps))  # dead dimensions do not blow up
-    zt, zp = (target - mu) / sd, (pred - mu) / sd
-    sst = float(((zt - zt.mean(axis=0)) ** 2).sum())
-    return {
-        "r2": 1.0 - float(((zp - zt) ** 2).sum()) / sst,
-        "r2_mean_baseline": 1.0 - float((zt**2).sum()) / sst,
-        "cos_std": float(np.mean(_rowwise_cosine(zp, zt))),
-        "cos_raw": float(np.mean(_rowwise_cosine(pred, target))),
-        "cos_raw_mean_baseline": float(np.mean(_rowwise_cosine(mu[None, :], target))),
-        "n": int(len(target)),
-    }
-
-
-def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = np.broadcast_to(a, b.shape)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    denom = na * nb
-    out = np.zeros(len(b))
-    ok = denom > 0
-    out[ok] = (a[ok] * b[ok]).sum(axis=1) / denom[ok]
-    return out
-
-
 # --------------------------------------------------------------------------- feature health
 
 
@@ -344,7 +299,7 @@ def feature_health(features) -> dict[str, float]:
     p = sv / sv.sum() if sv.sum() > 0 else np.ones(1)
     p = p[p > 0]
     return {
-        "cos_to_mean": float(np.mean(_rowwise_cosine(mean[None, :], x))),
+        "cos_to_mean": float(np.mean(rowwise_cosine(mean[None, :], x))),
         "rel_std": float(x.std(axis=0).mean() / (np.linalg.norm(mean) + 1e-12)),
         "effective_rank": float(np.exp(-(p * np.log(p)).sum())),
         "n": int(len(x)),

@@ -117,7 +117,7 @@ def fit_encoder(cfg: FitConfig, sample_batch, n_classes: int):
     """
     import torch
 
-    from .encoders import STUDENT_ARCHS, PatchTransforms, TimmCNNEncoder
+    from ..encoders import STUDENT_ARCHS, PatchTransforms, TimmCNNEncoder
 
     torch.manual_seed(cfg.seed)
     model = TimmCNNEncoder(STUDENT_ARCHS[cfg.arch], pretrained=False)
@@ -147,7 +147,7 @@ def fit_encoder(cfg: FitConfig, sample_batch, n_classes: int):
 
 
 def _save(out, model, cfg: FitConfig, metrics: dict) -> Path:
-    from .encoders import save_student_checkpoint
+    from ..encoders import save_student_checkpoint
 
     return save_student_checkpoint(
         out, model, arch=cfg.arch, transforms=_transforms(cfg), config=cfg, metrics=metrics
@@ -155,7 +155,7 @@ def _save(out, model, cfg: FitConfig, metrics: dict) -> Path:
 
 
 def _transforms(cfg: FitConfig):
-    from .encoders import PatchTransforms
+    from ..encoders import PatchTransforms
 
     return PatchTransforms(cfg.input_size)
 
@@ -177,8 +177,7 @@ def _accuracy_on_fresh_images(model, cfg: FitConfig, n: int = 512) -> float:
     """Linear probe on new proxy images: did the features learn the task (not memorise)?"""
     from sklearn.linear_model import LogisticRegression
 
-    from .encoders import Encoder
-    from .features import encode_patches
+    from ..encoders import Encoder, encode_patches
 
     images, labels = proxy_images(np.random.default_rng(cfg.seed + 10_000), n, cfg.input_size)
     enc = Encoder(model, _transforms(cfg), model.out_dim)
@@ -218,7 +217,7 @@ def save_random_encoder(out: str | os.PathLike, cfg: FitConfig | None = None) ->
     """`cfg.arch` at its seeded random init, in the same checkpoint format (a control)."""
     import torch
 
-    from .encoders import STUDENT_ARCHS, TimmCNNEncoder
+    from ..encoders import STUDENT_ARCHS, TimmCNNEncoder
 
     cfg = cfg or FitConfig(arch="resnet50_trunc", steps=0)
     torch.manual_seed(cfg.seed)
