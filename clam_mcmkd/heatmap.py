@@ -65,27 +65,11 @@ class HeatmapConfig:
 
 
 def load_feature_norm(models_dir: str | Path, fold: int):
-    """The feature standardisation saved with the model, as ``f(features) -> features``, or None.
+    """The standardisation the fold was trained with (``train --feature-norm``), or None:
+    exactly what ``eval`` applies (:func:`clam_mcmkd.mil.feature_norm.load_feature_norm`)."""
+    from .mil.feature_norm import load_feature_norm as load
 
-    The one hook for ``train --feature-norm``: statistics in ``s_<fold>_feature_norm.npz`` (per
-    fold) or ``feature_norm.npz`` (per run), arrays ``mean`` and ``std`` of width D. A run whose
-    train_config says it standardised but has no statistics is an error, not a silent mismatch.
-    """
-    run = Path(models_dir)
-    for path in (run / f"s_{fold}_feature_norm.npz", run / "feature_norm.npz"):
-        if path.is_file():
-            with np.load(path) as stats:
-                mean = np.asarray(stats["mean"], dtype=np.float32)
-                std = np.asarray(stats["std"], dtype=np.float32)
-            if mean.shape != std.shape or mean.ndim != 1 or not (std > 0).all():
-                raise HeatmapError(f"{path}: 'mean' and 'std' must be 1-D, same width, std > 0")
-            return lambda feats: (feats - mean) / std
-    from .mil.results import run_config
-
-    norm = run_config(run).get("feature_norm")
-    if norm not in (None, "", "none"):
-        raise HeatmapError(f"{run}: trained with feature_norm={norm!r} but no statistics file")
-    return None
+    return load(models_dir, fold, error=HeatmapError)
 
 
 def load_fold_model(cfg: HeatmapConfig, csv_labels: list[str]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -32,8 +33,10 @@ from clam_mcmkd.mil import (
     train,
 )
 from clam_mcmkd.mil.data import bag_order as _order
+from clam_mcmkd.mil.feature_norm import fit_feature_norm
 from clam_mcmkd.mil.nets import SmoothTop1SVM
 from clam_mcmkd.splits import SplitConfig, make_splits
+from clam_mcmkd.utils import ClamMcmkdError
 
 DIM = 32
 N_SLIDES = 40
@@ -263,6 +266,65 @@ def test_cli_train_and_eval(cohort, tmp_path):
     assert res.exit_code == 0, res.output
     a, b = pd.read_csv(partial), pd.read_csv(tmp_path / "e" / "summary_partial_0_1.csv")
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_zscore_fits_on_training_slides_only_and_round_trips_through_eval(cohort, tmp_path):
+    """`train --feature-norm zscore` on features that share one large offset (as an offline
+    encoder's do), fold 0's test slides shifted further: the saved statistics are the
+    training slides' own, and `eval` of the run reproduces train's test predictions."""
+    feats, split0 = tmp_path / "feats", formats.read_splits(cohort["splits"], 0)
+    ids = formats.read_dataset_csv(cohort["csv"])["slide_id"].tolist()
+    for sid in ids:
+        x, coords = formats.read_features(cohort["feats"], sid, with_coords=True)
+        x = 0.1 * x + 40.0 + (3.0 if sid in split0["test"] else 0.0)
+        formats.write_features(feats, sid, x.astype(np.float32), coords)
+    common = ["--data-root-dir", str(feats), "--csv-path", str(cohort["csv"]), "--device", "cpu",
+              "--split-dir", str(cohort["splits"])]  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        ["train", *common, "--results-dir", str(tmp_path / "r"), "--exp-code", "z",
+         "--model-type", "abmil", "--k", "2", "--max-epochs", "3", "--feature-norm", "zscore"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "r" / "z_s1"
+    assert json.loads((run / "train_config.json").read_text())["feature_norm"] == "zscore"
+    every = np.concatenate([formats.read_features(feats, s) for s in ids]).astype(np.float64)
+    for fold in (0, 1):
+        train_ids = formats.read_splits(cohort["splits"], fold)["train"]
+        x = np.concatenate([formats.read_features(feats, s) for s in train_ids]).astype(float)
+        with np.load(run / f"s_{fold}_feature_norm.npz") as saved:
+            np.testing.assert_allclose(saved["mean"], x.mean(0), rtol=1e-6)
+            np.testing.assert_allclose(saved["std"], x.std(0) + 1e-6, rtol=1e-4)
+            if fold == 0:  # statistics of every slide would differ
+                assert np.abs(saved["mean"] - every.mean(0)).min() > 0.5
+    out = evaluate(
+        EvalConfig(data_root_dir=str(feats), csv_path=str(cohort["csv"]), models_dir=str(run),
+                   eval_dir=str(tmp_path / "e"), split_dir=str(cohort["splits"]), device="cpu")
+    )  # fmt: skip
+    pd.testing.assert_frame_equal(pd.read_csv(run / "summary.csv"), pd.read_csv(out))
+    for fold in (0, 1):
+        a = pd.read_csv(run / f"fold_{fold}_predictions.csv")
+        b = pd.read_csv(tmp_path / "e" / f"fold_{fold}_predictions.csv")
+        pd.testing.assert_frame_equal(a, b)
+    (run / "s_1_feature_norm.npz").unlink()  # never evaluated on raw features instead
+    with pytest.raises(ClamMcmkdError, match="feature_norm='zscore' but no statistics"):
+        evaluate(EvalConfig(data_root_dir=str(feats), csv_path=str(cohort["csv"]),
+                            models_dir=str(run), eval_dir=str(tmp_path / "e2"), device="cpu"))  # fmt: skip
+
+
+def test_feature_norm_is_one_transform_for_numpy_and_torch_and_a_run_keeps_its_own(cohort, trained):
+    bags = [np.random.default_rng(i).normal(3.0, 2.0, size=(50 + i, 4)) for i in range(3)]
+    norm = fit_feature_norm(bags)
+    z = np.concatenate([norm(b) for b in bags])
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(0), 1.0, atol=1e-5)
+    t = norm(torch.from_numpy(bags[0].astype(np.float32)))
+    np.testing.assert_allclose(t.numpy(), norm(bags[0].astype(np.float32)), rtol=1e-6)
+    cfg, _ = trained["abmil"]  # finished folds trained on raw features: not resumed as zscore
+    with pytest.raises(MilDataError, match="trained with feature_norm='none', not 'zscore'"):
+        train(replace(cfg, feature_norm="zscore"))
+    with pytest.raises(ClamMcmkdError, match="unknown feature_norm 'l2'"):
+        train(replace(cfg, feature_norm="l2"))
 
 
 # ----------------------------------------------------------------------------- bad input

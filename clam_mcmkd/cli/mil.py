@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..heatmap import HeatmapConfig
-from ..mil.config import EvalConfig, TrainConfig
+from ..mil.config import FEATURE_NORMS, EvalConfig, TrainConfig
 from ..mil.models import MIL_LOSSES, SIZES, list_mil_models
 from .options import (
     config_option,
@@ -63,6 +63,10 @@ def _opt(field: str, *names: str, **kwargs):
 @option("--subtyping/--no-subtyping", default=None, help="Default: on for >2 classes.")
 @_opt("model_size", type=click.Choice(list(SIZES)))
 @_opt("seed")
+@_opt("feature_norm", type=click.Choice(FEATURE_NORMS),
+      help="zscore: standardise each feature dimension with the mean/std of the fold's "
+      "training patches (saved as s_<k>_feature_norm.npz; eval and heatmap apply it). "
+      "none: raw features, as CLAM.")  # fmt: skip
 @option("--no-cache", is_flag=True, help="Re-read feature files every epoch (low memory).")
 def train_cmd(**kw):
     """Train ABMIL / CLAM-SB / CLAM-MB on k-fold splits (CLAM's main.py semantics)."""

@@ -5,6 +5,7 @@
 * :mod:`.nets` - the networks, their losses and weights on disk.
 * :mod:`.data` - bags, labels, splits as bags, bag order.
 * :mod:`.results` - per-fold outputs and metrics; every file name a run writes.
+* :mod:`.feature_norm` - ``--feature-norm zscore``: statistics per fold, saved, and one reader.
 * :mod:`.training`, :mod:`.evaluation` - ``clam-mcmkd train`` and ``eval`` (the modules are not
   called ``train``/``evaluate``, which would hide the functions of those names).
 
@@ -24,6 +25,7 @@ _EXPORTS = {
     **dict.fromkeys(("SetResult", "bag_auc"), ".results"),
     **dict.fromkeys(("train", "train_epoch", "train_fold", "EarlyStopping"), ".training"),
     **dict.fromkeys(("evaluate", "run_bags"), ".evaluation"),
+    **dict.fromkeys(("FeatureNorm", "fit_feature_norm", "load_feature_norm"), ".feature_norm"),
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..utils import ClamMcmkdError
 
+FEATURE_NORMS = ("none", "zscore")  # see mil/feature_norm.py
+
 
 @dataclass
 class TrainConfig:
@@ -40,6 +42,7 @@ class TrainConfig:
     embed_dim: int | str = "auto"
     device: str = "auto"
     cache_features: bool = True
+    feature_norm: str = "none"  # none (CLAM's raw features) | zscore (per fold, training slides)
 
     @property
     def run_dir(self) -> Path:

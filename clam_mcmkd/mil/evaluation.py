@@ -24,6 +24,7 @@ from .data import (
     read_split_bags,
     resolve_embed_dim,
 )
+from .feature_norm import NormalizedBags, load_feature_norm
 from .models import build_model
 from .nets import load_weights
 from .results import (
@@ -130,8 +131,9 @@ def evaluate(cfg: EvalConfig) -> Path:
     for fold in progress(folds, desc="evaluating", unit="fold"):
         model = _load_fold_model(cfg, fold, n_classes, embed_dim).to(device)
         test_bags, val_bags = sets[fold]
-        test = run_bags(model, test_bags, store, device, n_classes)
-        val = run_bags(model, val_bags, store, device, n_classes) if val_bags else None
+        inputs = NormalizedBags(store, load_feature_norm(models_dir, fold))  # as trained
+        test = run_bags(model, test_bags, inputs, device, n_classes)
+        val = run_bags(model, val_bags, inputs, device, n_classes) if val_bags else None
         row = fold_row(fold, test, val)
         write_fold_outputs(eval_dir, fold, row, test, class_names)
         log.info("fold %d: auc %.4f acc %.4f on %d slides",

@@ -2,7 +2,8 @@
 
 CLAM's own files (``s_<k>_checkpoint.pt``, ``split_<k>_results.pkl``, ``summary.csv``) come from
 :mod:`clam_mcmkd.clam.formats`; ours sit next to them: ``fold_<k>_metrics.json`` (so a resumed
-run need not re-evaluate), ``fold_<k>_predictions.csv`` (for ROC curves) and the run's config.
+run need not re-evaluate), ``fold_<k>_predictions.csv`` (for ROC curves), ``s_<k>_feature_norm.npz``
+(``--feature-norm zscore``) and the run's config.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ def metrics_path(run_dir: Path, fold: int) -> Path:
 
 def predictions_path(run_dir: Path, fold: int) -> Path:
     return Path(run_dir) / f"fold_{fold}_predictions.csv"
+
+
+def feature_norm_path(run_dir: str | Path, fold: int) -> Path:
+    """``train --feature-norm zscore``'s statistics of one fold (beside its checkpoint)."""
+    return Path(run_dir) / f"s_{fold}_feature_norm.npz"
+
+
+RUN_NORM_NAME = "feature_norm.npz"  # one set of statistics for every fold (user-supplied)
 
 
 def summary_name(folds: Sequence[int], k: int) -> str:

@@ -32,6 +32,13 @@ from .data import (
     resolve_embed_dim,
 )
 from .evaluation import run_bags
+from .feature_norm import (
+    FEATURE_NORMS,
+    NormalizedBags,
+    feature_norm_path,
+    fit_feature_norm,
+    load_feature_norm,
+)
 from .models import build_model, get_mil_model
 from .nets import load_weights, make_loss, save_weights
 from .results import (
@@ -39,6 +46,7 @@ from .results import (
     checkpoint_path,
     fold_done,
     fold_row,
+    run_config,
     saved_metrics,
     summary_name,
     write_fold_outputs,
@@ -161,6 +169,7 @@ def train(cfg: TrainConfig) -> Path:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_saved = TrainConfig(**{**cfg.__dict__, "label_dict": label_dict})
+    _check_feature_norm(cfg, run_dir, folds)
 
     fold_bags = {fold: read_split_bags(df, cfg.split_dir, fold) for fold in folds}
     todo = [f for f in folds if not fold_done(run_dir, f)]
@@ -184,7 +193,10 @@ def train(cfg: TrainConfig) -> Path:
                 {s: class_names[i] for s, i in zip(df["slide_id"], df["label_index"])},
                 {n: i for i, n in class_names.items()},
             )  # fmt: skip
-            test, val = train_fold(fold, bags, store, cfg, n_classes, embed_dim, device, run_dir)
+            fold_store = _fold_store(cfg, store, bags, run_dir, fold)
+            test, val = train_fold(
+                fold, bags, fold_store, cfg, n_classes, embed_dim, device, run_dir
+            )
             row = fold_row(fold, test, val)
             write_fold_outputs(run_dir, fold, row, test, class_names)
             log.info(
@@ -210,6 +222,30 @@ def _saved_row(run_dir, fold, bags, store, cfg: TrainConfig, n_classes, device) 
         subtyping=None,
     )  # fmt: skip
     load_weights(model, checkpoint_path(run_dir, fold)).to(device)
+    store = NormalizedBags(store, load_feature_norm(run_dir, fold))
     test = run_bags(model, bags["test"], store, device, n_classes)
     val = run_bags(model, bags["val"], store, device, n_classes)
     return fold_row(fold, test, val)
+
+
+def _fold_store(cfg: TrainConfig, store, bags, run_dir: Path, fold: int):
+    """The fold's inputs: raw, or standardised with statistics of its training slides only
+    (saved before the checkpoint, so a finished fold always has them)."""
+    if cfg.feature_norm == "none":
+        return store
+    norm = fit_feature_norm(store[b.slide_id] for b in bags["train"])
+    norm.save(feature_norm_path(run_dir, fold))
+    return NormalizedBags(store, norm)
+
+
+def _check_feature_norm(cfg: TrainConfig, run_dir: Path, folds) -> None:
+    """Unknown names fail at once; a finished fold of this run dir trained with another
+    feature_norm would be resumed as if it were this run's, so that is refused."""
+    if cfg.feature_norm not in FEATURE_NORMS:
+        raise ClamMcmkdError(f"unknown feature_norm {cfg.feature_norm!r} (one of {FEATURE_NORMS})")
+    before = run_config(run_dir).get("feature_norm", "none")
+    if before != cfg.feature_norm and any(fold_done(run_dir, f) for f in folds):
+        raise MilDataError(
+            f"{run_dir}: its finished folds were trained with feature_norm={before!r}, not "
+            f"{cfg.feature_norm!r}; use another --exp-code or --results-dir"
+        )
