@@ -156,7 +156,7 @@ def features_stage(root: Path, csv: Path, name: str, ckpt: Path) -> Path:
     extract_features(
         ExtractConfig(
             data_h5_dir=str(root / "tiles"), data_slide_dir=str(root / "cohort" / "slides"),
-            csv_path=str(csv), feat_dir=str(feat_dir), model="mcmkd_resnet50", ckpt=str(ckpt),
+            csv_path=str(csv), feat_dir=str(feat_dir), model="checkpoint", ckpt=str(ckpt),
             slide_ext=".tif", pretrained=False, device="cpu", batch_size=256,
         )
     )  # fmt: skip
@@ -299,7 +299,7 @@ def instruments_stage(root: Path, csv: Path, encoders: dict[str, Path], max_slid
     for name, ckpt in encoders.items():
         if not Path(ckpt).is_file():
             continue
-        enc = create_encoder("mcmkd_resnet50", ckpt=ckpt)
+        enc = create_encoder("checkpoint", ckpt=ckpt)
         feats = {s: encode_patches(enc, p, batch_size=256) for s, (p, _) in per_slide.items()}
         health = feature_health(np.concatenate(list(feats.values())))
         pos = {s: f for s, f in feats.items() if s in positive}

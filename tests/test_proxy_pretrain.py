@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from clam_mcmkd.benchmark.proxy_pretrain import (
@@ -12,7 +13,12 @@ from clam_mcmkd.benchmark.proxy_pretrain import (
     save_random_encoder,
     train_teacher,
 )
-from clam_mcmkd.encoders import create_encoder, encode_patches, read_student_checkpoint
+from clam_mcmkd.encoders import (
+    EncoderError,
+    create_encoder,
+    encode_patches,
+    read_student_checkpoint,
+)
 
 
 def test_proxy_images_are_seeded_and_labelled():
@@ -38,6 +44,12 @@ def test_baseline_is_deterministic_and_loads_through_the_registry(tmp_path):
     assert enc.out_dim == 256 and enc.transforms.input_size == 32
     feats = encode_patches(enc, proxy_images(np.random.default_rng(5), 6, 48)[0])
     assert feats.shape == (6, 256) and np.isfinite(feats).all()
+    neutral = create_encoder("checkpoint", ckpt=tmp_path / "a.pt")  # the name claims no MCM-KD
+    assert neutral.transforms == enc.transforms
+    again = encode_patches(neutral, proxy_images(np.random.default_rng(5), 6, 48)[0])
+    np.testing.assert_array_equal(again, feats)
+    with pytest.raises(EncoderError, match="checkpoint needs an encoder checkpoint file"):
+        create_encoder("checkpoint")
 
 
 def test_teacher_and_random_control_are_larger_encoders(tmp_path):

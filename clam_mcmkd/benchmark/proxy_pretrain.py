@@ -17,7 +17,7 @@ its two reference encoders itself, in a few CPU minutes, deterministically:
 - :func:`save_random_encoder` - the same architecture untrained (the random-teacher control).
 
 All three are written with :func:`encoders.save_student_checkpoint`, so they load through the
-encoder registry (``mcmkd_resnet50`` with ``--ckpt``) at their own input size.
+encoder registry (``checkpoint`` with ``--ckpt``) at their own input size.
 """
 
 from __future__ import annotations

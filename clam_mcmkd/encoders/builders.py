@@ -5,6 +5,8 @@
 * ``resnet18_trunc`` - the same truncation of a ResNet-18 (256-d): a CPU-sized student for tests
   and the demo.
 * ``mcmkd_resnet50`` - an MCM-KD fine-tuned student, loaded from ``ckpt=`` or ``MCMKD_CKPT_PATH``.
+* ``checkpoint`` - the same loader under a neutral name: any encoder checkpoint (``ckpt=``),
+  named for what it is by the caller (a baseline, a teacher, a control, a student).
 * any other name - a timm model (``hf-hub:`` names too) as a pooled feature extractor, optionally
   with weights from a local checkpoint; used for teachers.
 
@@ -153,6 +155,24 @@ def _build_mcmkd(pretrained=True, ckpt=None, target_img_size=224, **_):
             f"mcmkd_resnet50 needs a checkpoint: pass --ckpt or set {MCMKD_CKPT_ENV}"
             " (made by `clam-mcmkd finetune`)"
         )
+    return _from_encoder_checkpoint(ckpt)
+
+
+@register_encoder(
+    "checkpoint", "Any encoder checkpoint from --ckpt (a `finetune` student of any architecture, "
+    "or one written by save_student_checkpoint): architecture, input size and normalisation "
+    "from the file; shown: a resnet50_trunc's",
+    describe=lambda: describe_built("checkpoint", "resnet50_trunc"),
+)  # fmt: skip
+def _build_checkpoint(pretrained=True, ckpt=None, target_img_size=224, **_):
+    """The same loader as ``mcmkd_resnet50`` under a name that claims nothing about how the
+    weights were made (baselines, teachers, controls and students alike)."""
+    if not ckpt:
+        raise EncoderError("checkpoint needs an encoder checkpoint file: pass --ckpt")
+    return _from_encoder_checkpoint(ckpt)
+
+
+def _from_encoder_checkpoint(ckpt) -> Encoder:
     payload = read_student_checkpoint(ckpt)
     model = TimmCNNEncoder(payload["timm_name"], pretrained=False)
     try:
