@@ -33,12 +33,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clam_mcmkd.clam.formats import read_coords_h5, read_dataset_csv, read_features, write_features
+from clam_mcmkd.clam.formats import read_coords_h5, read_dataset_csv
 from clam_mcmkd.cohort import make_cohort
 from clam_mcmkd.utils import atomic_write_text
 
 PATCH = 64  # level-0 px at 20x = the encoders' input size (no resize: CPU budget)
 TEACHER_COHORT_SEED = 9000  # the teacher's cohort: never a cohort seed of the experiment
+MORPH_TEACHER_COHORT_SEED = 9100  # the morphometry teacher's cohort (phase 2 candidate)
+MORPH_TEACHER_CONTRAST = 0.5  # unlabelled atypia variation in its slides (never a label)
 
 
 def log(msg: str) -> None:
@@ -121,7 +123,8 @@ def encoders_stage(work: Path, args) -> dict[str, Path]:
     out = work / "encoders"
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer(work / "timings_encoders.csv")
-    paths = {k: out / f"{k}.pt" for k in ("baseline", "teacher", "random_teacher", "random_init")}
+    names = ("baseline", "teacher", "teacher_morph", "random_teacher", "random_init")
+    paths = {k: out / f"{k}.pt" for k in names}
     info = (
         json.loads((out / "encoders.json").read_text()) if (out / "encoders.json").is_file() else {}
     )
@@ -145,8 +148,32 @@ def encoders_stage(work: Path, args) -> dict[str, Path]:
                         lr=1e-3, augment=True, seed=2)  # fmt: skip
         info["teacher"] = timer("train_teacher", train_teacher, paths["teacher"], x, y, cfg)
         info["teacher"]["class_counts"] = np.bincount(y, minlength=4).tolist()
+    if not paths["teacher_morph"].is_file() and args.teacher_morph:
+        info["teacher_morph"] = morph_teacher_stage(work, args, paths, timer)
     atomic_write_text(out / "encoders.json", json.dumps(info, indent=2) + "\n")
     return paths
+
+
+def morph_teacher_stage(work: Path, args, paths: dict[str, Path], timer) -> dict:
+    """The phase-2 teacher candidate: the phase-1 teacher trained on (longer, wider task) the
+    tissue classes AND pixel-measured nuclear morphometry of a separate cohort whose slides
+    carry unlabelled atypia (contrast 0.5, half of them): never the label, never the atypia
+    map. Chosen or not on development cohorts only (notes/issue13-calibration.md)."""
+    from clam_mcmkd.benchmark.proxy_pretrain import FitConfig, patch_morphometry, train_teacher
+
+    root = work / "teacher_cohort_morph"
+    csv = timer("teacher_cohort_morph", cohort_stage, root, args.teacher_slides,
+                MORPH_TEACHER_COHORT_SEED, args, MORPH_TEACHER_CONTRAST)  # fmt: skip
+    per_slide = cohort_patches(root, read_dataset_csv(csv)["slide_id"])
+    truth = patch_labels(root, per_slide)
+    x = np.concatenate([p for p, _ in per_slide.values()])
+    y = np.concatenate([truth[s][0] for s in per_slide])
+    morph = patch_morphometry(x)
+    cfg = FitConfig(arch="resnet50_trunc", steps=args.teacher_steps, input_size=PATCH, lr=5e-4,
+                    augment=True, seed=3, init_ckpt=str(paths["teacher"]))  # fmt: skip
+    info = timer("train_teacher_morph", train_teacher, paths["teacher_morph"], x, y, cfg, morph)
+    info["class_counts"] = np.bincount(y, minlength=4).tolist()
+    return info
 
 
 def features_stage(root: Path, csv: Path, name: str, ckpt: Path) -> Path:
@@ -163,7 +190,7 @@ def features_stage(root: Path, csv: Path, name: str, ckpt: Path) -> Path:
     return feat_dir
 
 
-# --------------------------------------------------------------------------- splits, z-score
+# --------------------------------------------------------------------------- splits
 
 
 def splits_stage(root: Path, csv: Path, args, seed: int) -> Path:
@@ -191,63 +218,40 @@ def splits_stage(root: Path, csv: Path, args, seed: int) -> Path:
     return split_dir
 
 
-def zscore_stage(feat_dir: Path, split_dir: Path, fold: int) -> Path:
-    """Standardised copies for one fold: mean/std per dimension over the training slides'
-    patches (what ``train --feature-norm zscore`` will do inside MIL in phase 2)."""
-    from clam_mcmkd.clam.formats import features_done, read_splits
-
-    out = feat_dir.parent.parent / "feats_z" / feat_dir.name / f"fold{fold}"
-    split = read_splits(split_dir, fold)
-    slides = [s for key in ("train", "val", "test") for s in split[key]]
-    if all(features_done(out, s) for s in slides):
-        return out
-    train = np.concatenate([read_features(feat_dir, s) for s in split["train"]]).astype(np.float64)
-    mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
-    for sid in slides:
-        feats, coords = read_features(feat_dir, sid, with_coords=True)
-        write_features(out, sid, ((feats - mean) / std).astype(np.float32), coords)
-    np.savez(out / "zscore_stats.npz", mean=mean, std=std)
-    return out
-
-
 # --------------------------------------------------------------------------- MIL
 
 
 def _mil_run(data_dir: Path, csv: Path, split_dir: Path, results: Path, exp: str, seed: int,
-             args, folds: list[int]) -> list[pd.DataFrame]:  # fmt: skip
+             norm: str, args) -> list[pd.DataFrame]:  # fmt: skip
+    """ABMIL on every fold for one MIL seed; `norm`: ``train --feature-norm`` (z-score
+    statistics per fold from its training slides, saved with the model)."""
     from clam_mcmkd.mil import TrainConfig, train
 
     cfg = TrainConfig(
         data_root_dir=str(data_dir), csv_path=str(csv), split_dir=str(split_dir),
         results_dir=str(results), exp_code=exp, model_type="abmil", k=args.folds,
-        k_start=folds[0], k_end=folds[-1] + 1, max_epochs=args.mil_epochs, seed=seed,
-        device="cpu", label_dict={"normal": 0, "tumor": 1},
+        max_epochs=args.mil_epochs, seed=seed, device="cpu", feature_norm=norm,
+        label_dict={"normal": 0, "tumor": 1},
     )  # fmt: skip
     train(cfg)
     frames = []
-    for fold in folds:
+    for fold in range(args.folds):
         pred = pd.read_csv(cfg.run_dir / f"fold_{fold}_predictions.csv")
-        frames.append(pred.assign(fold=fold, mil_seed=seed))
+        frames.append(pred.assign(fold=fold, mil_seed=seed, feature_norm=norm))
     return frames
 
 
 def mil_stage(root: Path, csv: Path, split_dir: Path, arm: str, args) -> pd.DataFrame:
-    """ABMIL per MIL seed on raw and on z-scored features: per-slide test probabilities."""
+    """ABMIL per MIL seed and feature_norm: per-slide test probabilities of every fold."""
     import torch
 
     torch.set_num_threads(args.mil_threads)  # tiny ops: more threads only spin on 2 busy cores
     frames = []
-    results = root / "mil"
-    folds = list(range(args.folds))
-    for seed in args.mil_seeds:
-        raw = _mil_run(root / "feats" / arm, csv, split_dir, results, f"{arm}_none", seed,
-                       args, folds)  # fmt: skip
-        frames += [f.assign(feature_norm="none") for f in raw]
-        for fold in folds:
-            z_dir = zscore_stage(root / "feats" / arm, split_dir, fold)
-            z = _mil_run(z_dir, csv, split_dir, results, f"{arm}_zscore_f{fold}", seed, args,
-                         [fold])  # fmt: skip
-            frames += [f.assign(feature_norm="zscore") for f in z]
+    for norm in args.norms:
+        seeds = args.none_mil_seeds if (norm == "none" and args.none_mil_seeds) else args.mil_seeds
+        for seed in seeds:
+            frames += _mil_run(root / "feats" / arm, csv, split_dir, root / "mil", f"{arm}_{norm}",
+                               seed, norm, args)  # fmt: skip
     torch.set_num_threads(args.threads)
     runs = pd.concat(frames, ignore_index=True).rename(columns={"p_1": "prob", "Y": "y"})
     return runs.assign(arm=arm)[
@@ -371,14 +375,14 @@ def delta_summary(runs: pd.DataFrame, pairs, n_resamples: int = 2000) -> pd.Data
     return pd.DataFrame(rows)
 
 
-ARMS = ("untuned", "teacher")  # phase 2: + mcmkd, patch_kd, random_teacher, sham
+ARMS = ("untuned", "teacher", "teacher_morph")  # phase 2: + mcmkd, patch_kd, random_teacher, sham
 
 
 def arm_checkpoint(arm: str, encoders: dict[str, Path]) -> Path:
     if arm == "untuned":
         return encoders["baseline"]
-    if arm == "teacher":
-        return encoders["teacher"]
+    if arm in ("teacher", "teacher_morph"):
+        return encoders[arm]
     raise SystemExit(f"arm {arm!r} is not implemented yet (phase 2); choices: {ARMS}")
 
 
@@ -404,6 +408,14 @@ def main() -> None:
     ap.add_argument("--contrast", type=float, default=0.5, help="cohort difficulty (0-1)")
     ap.add_argument("--cohort-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--mil-seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--norms", nargs="+", default=["zscore", "none"], choices=["zscore", "none"])
+    ap.add_argument(
+        "--none-mil-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="MIL seeds for feature_norm none (default: --mil-seeds)",
+    )
     ap.add_argument("--arms", nargs="+", default=["untuned"], choices=ARMS)
     ap.add_argument("--n-slides", type=int, default=64)
     ap.add_argument("--test-per-class", type=int, default=12)
@@ -417,6 +429,11 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=240)
     ap.add_argument("--baseline-steps", type=int, default=400)
     ap.add_argument("--instruments", action="store_true", help="feature health + probes first")
+    ap.add_argument(
+        "--teacher-morph",
+        action="store_true",
+        help="make the morphometry teacher candidate (arm teacher_morph)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the encoders")
     ap.add_argument("--mil-threads", type=int, default=1, help="torch threads for ABMIL")
     args = ap.parse_args()

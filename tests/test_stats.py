@@ -200,6 +200,29 @@ def test_pretext_scores_against_the_mean_baseline():
         pretext_scores(target[:, :3], target)
 
 
+def test_streamed_pretext_sums_equal_the_scores_of_the_masked_positions():
+    """What fine-tune validation accumulates per batch (and per rank) gives pretext_scores'
+    R², its mean baseline and the standardised cosine of exactly the masked positions."""
+    import torch
+
+    from clam_mcmkd.mcmkd.metrics import pretext_sums, scores_from_sums
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(2.0, 3.0, (300, 6))
+    target = rng.normal(2.4, 3.0, (5, 9, 6))  # 5 windows x 9 positions
+    pred = target + rng.normal(0.0, 2.0, target.shape)
+    mask = rng.random((5, 9)) < 0.5
+    mu, sd = ref.mean(0), ref.std(0)
+    zp, zt = (torch.from_numpy((x - mu) / sd) for x in (pred, target))
+    m = torch.from_numpy(mask)
+    sums = pretext_sums(zp[:2], zt[:2], m[:2]) + pretext_sums(zp[2:], zt[2:], m[2:])
+    got = scores_from_sums(sums)
+    want = pretext_scores(pred[mask], target[mask], reference=ref)
+    for key in ("r2", "r2_mean_baseline", "cos_std"):
+        assert got[key] == pytest.approx(want[key], rel=1e-10), key
+    assert want["r2_mean_baseline"] < 0 < want["r2"]
+
+
 def test_feature_health_tells_collapsed_from_spread_features():
     from clam_mcmkd.benchmark.stats import feature_health
 

@@ -95,6 +95,7 @@ class FitConfig:
     seed: int = 0
     augment: bool = False  # rot90 / flips / per-image colour scaling (histology patches)
     heldout_images: int = 512  # baseline: fresh proxy images for the held-out linear probe
+    init_ckpt: str | None = None  # start from this encoder checkpoint (longer training)
 
 
 def _augment(x, g):
@@ -109,19 +110,23 @@ def _augment(x, g):
     return (x * scale).clamp(0, 255)
 
 
-def fit_encoder(cfg: FitConfig, sample_batch, n_classes: int):
-    """Train an encoder + linear head on ``sample_batch(rng, n) -> (uint8 NHWC, labels)``.
+def fit_encoder(cfg: FitConfig, sample_batch, n_classes: int, n_regress: int = 0):
+    """Train an encoder + linear head on ``sample_batch(rng, n) -> (uint8 NHWC, labels)``, or
+    ``-> (images, labels, targets)`` with `n_regress` standardised regression targets per
+    image (cross-entropy + mean squared error, one linear head for both).
 
     Deterministic given `cfg.seed` (seeded init, data and augmentation; CPU). Returns the
     encoder (eval mode), its transforms and the last 50 steps' training accuracy.
     """
     import torch
 
-    from ..encoders import STUDENT_ARCHS, PatchTransforms, TimmCNNEncoder
+    from ..encoders import STUDENT_ARCHS, PatchTransforms, TimmCNNEncoder, read_student_checkpoint
 
     torch.manual_seed(cfg.seed)
     model = TimmCNNEncoder(STUDENT_ARCHS[cfg.arch], pretrained=False)
-    head = torch.nn.Linear(model.out_dim, n_classes)
+    if cfg.init_ckpt:
+        model.load_state_dict(read_student_checkpoint(cfg.init_ckpt)["state_dict"])
+    head = torch.nn.Linear(model.out_dim, n_classes + n_regress)
     transforms = PatchTransforms(cfg.input_size)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -130,13 +135,17 @@ def fit_encoder(cfg: FitConfig, sample_batch, n_classes: int):
     model.train()
     correct = []
     for _ in range(cfg.steps):
-        images, labels = sample_batch(rng, cfg.batch_size)
+        images, labels, *targets = sample_batch(rng, cfg.batch_size)
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
         if cfg.augment:
             x = _augment(x, g)
         y = torch.as_tensor(labels, dtype=torch.long)
-        logits = head(model(transforms.batch(x)))
+        out = head(model(transforms.batch(x)))
+        logits = out[:, :n_classes]
         loss = torch.nn.functional.cross_entropy(logits, y)
+        if n_regress:
+            t = torch.as_tensor(targets[0], dtype=torch.float32)
+            loss = loss + torch.nn.functional.mse_loss(out[:, n_classes:], t)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -188,29 +197,69 @@ def _accuracy_on_fresh_images(model, cfg: FitConfig, n: int = 512) -> float:
 
 
 def train_teacher(
-    out: str | os.PathLike, patches: np.ndarray, classes: np.ndarray, cfg: FitConfig | None = None
-) -> dict:
-    """The offline "foundation model": tissue-class classification on another cohort's patches.
+    out: str | os.PathLike, patches: np.ndarray, classes: np.ndarray, cfg: FitConfig | None = None,
+    morphometry: np.ndarray | None = None,
+) -> dict:  # fmt: skip
+    """The offline "foundation model": tissue-class classification on another cohort's patches,
+    and, with `morphometry` (N, k), regression of what :func:`patch_morphometry` measures.
 
     `patches` uint8 (N, S, S, 3), `classes` (N,) tissue-class index per patch (never the slide
-    label or the atypia). Class-balanced sampling with rot90/flip/colour augmentation.
+    label or the atypia). Class-balanced sampling with rot90/flip/colour augmentation (the
+    measurements do not change under rotations or flips; colour scaling changes them a little).
     """
     cfg = cfg or FitConfig(arch="resnet50_trunc", steps=300, augment=True, lr=1e-3)
     classes = np.asarray(classes)
     present = np.unique(classes)
     by_class = [np.flatnonzero(classes == c) for c in present]
     remap = {int(c): i for i, c in enumerate(present)}
+    z = None
+    if morphometry is not None:
+        m = np.asarray(morphometry, dtype=np.float64)
+        z = ((m - m.mean(0)) / (m.std(0) + 1e-9)).astype(np.float32)
 
     def sample(rng, n):
         pick = rng.integers(len(by_class), size=n)
         idx = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in pick])
-        return patches[idx], np.array([remap[int(classes[i])] for i in idx])
+        labels = np.array([remap[int(classes[i])] for i in idx])
+        return (patches[idx], labels) if z is None else (patches[idx], labels, z[idx])
 
-    model, _, train_acc = fit_encoder(cfg, sample, len(present))
-    metrics = {"task": "tissue class of patches (no label, no atypia)", "train_acc": train_acc,
-               "n_patches": int(len(classes)), "classes": [int(c) for c in present]}  # fmt: skip
+    n_regress = 0 if z is None else z.shape[1]
+    model, _, train_acc = fit_encoder(cfg, sample, len(present), n_regress)
+    task = "tissue class of patches (no label, no atypia)"
+    if n_regress:
+        task += " + nuclear morphometry regression (" + ", ".join(MORPHOMETRY) + ")"
+    metrics = {"task": task, "train_acc": train_acc, "n_patches": int(len(classes)),
+               "classes": [int(c) for c in present], "init": cfg.init_ckpt}  # fmt: skip
     _save(out, model, cfg, metrics)
     return metrics
+
+
+MORPHOMETRY = ("nuclear_fraction", "nuclei_per_patch", "mean_nuclear_area", "mean_nuclear_h")
+
+
+def patch_morphometry(patches: np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """What a pathologist counts, measured from pixels: per patch, the hematoxylin-positive
+    area fraction, the number of nuclei (connected components of >= 4 px), their mean area and
+    their mean hematoxylin optical density (colour deconvolution, scikit-image's ``rgb2hed``).
+    `threshold`: hematoxylin OD of a nucleus pixel (default: Otsu over all given pixels).
+    Label-free: the same measurement on every patch, whatever slide it comes from."""
+    from skimage.color import rgb2hed
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label
+
+    h = rgb2hed(np.asarray(patches))[..., 0]  # (N, S, S) hematoxylin OD
+    thr = float(threshold_otsu(h[:, ::2, ::2])) if threshold is None else threshold
+    out = np.zeros((len(h), len(MORPHOMETRY)), np.float64)
+    for i, hi in enumerate(h):
+        nuclei = hi > thr
+        lab = label(nuclei, connectivity=1)
+        areas = np.bincount(lab.ravel())[1:]
+        areas = areas[areas >= 4]
+        out[i] = (
+            nuclei.mean(), len(areas), areas.mean() if len(areas) else 0.0,
+            hi[nuclei].mean() if nuclei.any() else thr,
+        )  # fmt: skip
+    return out
 
 
 def save_random_encoder(out: str | os.PathLike, cfg: FitConfig | None = None) -> dict:

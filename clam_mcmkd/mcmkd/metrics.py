@@ -56,3 +56,39 @@ def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ok = denom > 0
     out[ok] = (a[ok] * b[ok]).sum(axis=1) / denom[ok]
     return out
+
+
+def pretext_sums(zp, zt, weight=None):
+    """Sums (float64 tensor) from which :func:`scores_from_sums` gives ``r2``,
+    ``r2_mean_baseline`` and ``cos_std`` of :func:`pretext_scores`, for predictions `zp` and
+    targets `zt` (..., D) already standardised with the reference statistics; `weight` (...,)
+    0/1 selects the scored positions (masked patches) without boolean indexing. Sums of batches
+    and of ranks add up (one all-reduce), so validation streams and shards exactly."""
+    import torch
+
+    zp, zt = zp.double().reshape(-1, zp.shape[-1]), zt.double().reshape(-1, zt.shape[-1])
+    w = torch.ones(len(zt), dtype=torch.float64, device=zt.device)
+    if weight is not None:
+        w = weight.reshape(-1).to(torch.float64)
+    cos = torch.nn.functional.cosine_similarity(zp, zt, dim=-1, eps=1e-12)  # zero vector: 0
+    head = torch.stack(
+        [
+            (w * ((zp - zt) ** 2).sum(-1)).sum(),
+            (w * (zt**2).sum(-1)).sum(),
+            w.sum(),
+            (w * cos).sum(),
+        ]
+    )
+    return torch.cat([head, (w[:, None] * zt).sum(0)])
+
+
+def scores_from_sums(sums) -> dict[str, float]:
+    """``r2``, ``r2_mean_baseline`` (predicting the reference mean, the zero vector) and
+    ``cos_std`` from summed :func:`pretext_sums`."""
+    sums = [float(v) for v in sums]
+    sse, ssq, n, cos = sums[:4]
+    s1 = np.asarray(sums[4:])
+    if n < 2:
+        return {"r2": float("nan"), "r2_mean_baseline": float("nan"), "cos_std": float("nan")}
+    sst = ssq - float((s1**2).sum()) / n
+    return {"r2": 1.0 - sse / sst, "r2_mean_baseline": 1.0 - ssq / sst, "cos_std": cos / n}
