@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mcmkd_effect_report import write_results
 
 from clam_mcmkd.clam.formats import read_coords_h5, read_dataset_csv
 from clam_mcmkd.cohort import make_cohort
@@ -320,70 +321,65 @@ def instruments_stage(root: Path, csv: Path, encoders: dict[str, Path], max_slid
     return table
 
 
-# --------------------------------------------------------------------------- summary
+ARMS = ("untuned", "mcmkd", "patch_kd", "random_teacher", "sham", "teacher", "teacher_morph")
+# the fine-tuned arms: (objective, targets, teacher encoder); "teacher" = the chosen teacher
+TUNED = {
+    "mcmkd": ("mcmkd", "teacher", "teacher"),
+    "patch_kd": ("patch_kd", "teacher", "teacher"),
+    "random_teacher": ("mcmkd", "teacher", "random_teacher"),
+    "sham": ("mcmkd", "sham", "teacher"),
+}
 
 
-def auc_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Test AUC per (arm, cohort seed, MIL seed, norm) of fold-averaged probabilities, and per
-    (arm, cohort seed, norm) of fold- and seed-averaged ones (mil_seed = "all")."""
-    from clam_mcmkd.benchmark.stats import auc, average_slide_probabilities
-
-    keys = ["arm", "cohort_seed", "feature_norm"]
-    rows = []
-    for by, tag in ((keys + ["mil_seed"], None), (keys, "all")):
-        avg = average_slide_probabilities(runs, keys=by, label_col="y")
-        for key, g in avg.groupby(by):
-            rec = dict(zip(by, key if isinstance(key, tuple) else (key,)))
-            rec.setdefault("mil_seed", tag)
-            rec.update(test_auc=auc(g["y"], g["prob"]), n_test_slides=len(g))
-            rows.append(rec)
-    cols = ["arm", "cohort_seed", "mil_seed", "feature_norm", "test_auc", "n_test_slides"]
-    return pd.DataFrame(rows)[cols]
+def teacher_of(name: str, encoders: dict[str, Path], args) -> Path:
+    """The chosen teacher (``--teacher-encoder``) stands for "teacher" in every arm."""
+    return encoders[args.teacher_encoder if name == "teacher" else name]
 
 
-def delta_summary(runs: pd.DataFrame, pairs, n_resamples: int = 2000) -> pd.DataFrame:
-    """ΔAUC of (arm_a, norm_a) - (arm_b, norm_b) pooled over cohort seeds (the pre-registered
-    statistics: fold/seed-averaged slide probabilities, paired label-stratified bootstrap CI
-    stratified by cohort seed, DeLong pooled with equal weights)."""
-    from clam_mcmkd.benchmark.stats import average_slide_probabilities, pooled_delta_auc
+def finetune_stage(root: Path, csv: Path, arm: str, encoders: dict[str, Path], args) -> Path:
+    """One fine-tune per tuned arm and cohort seed, equal budget for all (the ``--ft-*``
+    options), the student starting from the untuned arm's encoder, on the windows of the
+    cohort's non-test slides (never a test slide, no label used); resumable."""
+    from clam_mcmkd.mcmkd import FinetuneConfig, finetune
 
-    avg = average_slide_probabilities(
-        runs, keys=["arm", "feature_norm", "cohort_seed"], label_col="y"
-    )
-    rows = []
-    for (arm_a, norm_a), (arm_b, norm_b) in pairs:
-        groups, seeds = [], []
-        for seed, g in avg.groupby("cohort_seed"):
-            a = g[(g.arm == arm_a) & (g.feature_norm == norm_a)].set_index("slide_id")
-            b = g[(g.arm == arm_b) & (g.feature_norm == norm_b)].set_index("slide_id")
-            if a.empty or b.empty:
-                continue
-            b = b.loc[a.index]  # paired: the same test slides in the same order
-            groups.append((a["y"].to_numpy(), a["prob"].to_numpy(), b["prob"].to_numpy()))
-            seeds.append(seed)
-        if not groups:
-            continue
-        res = pooled_delta_auc(groups, n_resamples=n_resamples, seed=0)
-        rows.append(
-            {
-                "arm": f"{arm_a}:{norm_a}", "comparison": f"{arm_b}:{norm_b}",
-                "delta_auc": res.delta, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                "p_delong": res.p, "n_cohort_seeds": len(seeds),
-                "per_seed_delta": " ".join(f"{r.delta:+.3f}" for r in res.per_group),
-            }
-        )  # fmt: skip
-    return pd.DataFrame(rows)
+    objective, targets, teacher = TUNED[arm]
+    out = root / "finetune" / f"{arm}.pt"
+    if out.is_file():
+        return out
+    df = read_dataset_csv(csv)
+    test = set(pd.read_csv(root / "fixed_test.csv")["slide_id"])
+    slides = root / "finetune" / "slides.csv"
+    slides.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(slides, df[~df["slide_id"].isin(test)].to_csv(index=False))
+    finetune(
+        FinetuneConfig(
+            data_h5_dir=str(root / "tiles"), data_slide_dir=str(root / "cohort" / "slides"),
+            csv_path=str(slides), slide_ext=".tif", out=str(out), teacher="checkpoint",
+            teacher_ckpt=str(teacher_of(teacher, encoders, args)),
+            teacher_cache=str(root / "finetune" / f"cache_{teacher_of(teacher, encoders, args).stem}"),
+            student="resnet18_trunc", student_ckpt=str(encoders["baseline"]), input_size=PATCH,
+            pretrained=False, objective=objective, targets=targets, grid=args.ft_grid,
+            window_overlap=True, batch_size=8, lr=args.ft_lr, student_lr_mult=0.3,
+            epochs=args.ft_epochs, max_windows=args.ft_windows, val_frac=0.1,
+            predictor_width=128, loss=args.ft_loss, device="cpu", progress=False, resume=True,
+        )
+    )  # fmt: skip
+    return out
 
 
-ARMS = ("untuned", "teacher", "teacher_morph")  # phase 2: + mcmkd, patch_kd, random_teacher, sham
+def pretext_row(root: Path, arm: str, seed: int) -> dict:
+    """The fine-tune's validation numbers (before/after, vs predicting the mean)."""
+    metrics = json.loads((root / "finetune" / f"{arm}.final_metrics.json").read_text())
+    keys = [k for k in metrics if k.startswith("val_")] + ["steps", "train_windows"]
+    return {"arm": arm, "cohort_seed": seed, **{k: metrics.get(k) for k in keys}}
 
 
-def arm_checkpoint(arm: str, encoders: dict[str, Path]) -> Path:
+def arm_checkpoint(arm: str, root: Path, csv: Path, encoders: dict[str, Path], args) -> Path:
     if arm == "untuned":
         return encoders["baseline"]
     if arm in ("teacher", "teacher_morph"):
-        return encoders[arm]
-    raise SystemExit(f"arm {arm!r} is not implemented yet (phase 2); choices: {ARMS}")
+        return teacher_of(arm, encoders, args)
+    return finetune_stage(root, csv, arm, encoders, args)
 
 
 def run_cohort_seed(work: Path, seed: int, args, encoders: dict[str, Path]) -> pd.DataFrame:
@@ -394,12 +390,17 @@ def run_cohort_seed(work: Path, seed: int, args, encoders: dict[str, Path]) -> p
         inst = timer("instruments", instruments_stage, root, csv, encoders)
         log("instruments:\n" + inst.to_string(index=False, float_format="%.3f"))
     split_dir = splits_stage(root, csv, args, seed)
-    frames = []
+    frames, frames_pretext = [], []
     for arm in args.arms:
-        timer(f"features:{arm}", features_stage, root, csv, arm, arm_checkpoint(arm, encoders))
+        ckpt = timer(f"finetune:{arm}", arm_checkpoint, arm, root, csv, encoders, args)
+        if arm in TUNED:
+            pretext = pretext_row(root, arm, seed)
+            log(f"pretext {arm}: " + json.dumps(pretext))
+            frames_pretext.append(pretext)
+        timer(f"features:{arm}", features_stage, root, csv, arm, ckpt)
         runs = timer(f"mil:{arm}", mil_stage, root, csv, split_dir, arm, args)
         frames.append(runs.assign(cohort_seed=seed))
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), frames_pretext
 
 
 def main() -> None:
@@ -434,6 +435,20 @@ def main() -> None:
         action="store_true",
         help="make the morphometry teacher candidate (arm teacher_morph)",
     )
+    ap.add_argument(
+        "--teacher-encoder",
+        default="teacher",
+        choices=["teacher", "teacher_morph"],
+        help="the encoder that is the teacher of every teacher arm",
+    )
+    ap.add_argument("--ft-grid", type=int, default=3)
+    ap.add_argument("--ft-windows", type=int, default=240)
+    ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--ft-lr", type=float, default=1e-3)
+    ap.add_argument("--ft-loss", default="cosine", choices=["cosine", "smooth_l1"])
+    ap.add_argument(
+        "--results", default=None, help="also write the result CSVs and the forest plot here"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the encoders")
     ap.add_argument("--mil-threads", type=int, default=1, help="torch threads for ABMIL")
     args = ap.parse_args()
@@ -443,22 +458,12 @@ def main() -> None:
     work = Path(args.workdir)
     encoders = encoders_stage(work, args)
     out_dir = work / f"c{args.contrast:g}"
-    frames = [run_cohort_seed(work, s, args, encoders) for s in args.cohort_seeds]
-    runs = pd.concat(frames, ignore_index=True)
-    atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False))
-    table = auc_table(runs)
-    atomic_write_text(out_dir / "mcmkd_effect.csv", table.to_csv(index=False))
-    pairs = [((arm, "zscore"), ("untuned", "zscore")) for arm in args.arms if arm != "untuned"]
-    pairs += [(("untuned", "zscore"), ("untuned", "none"))]  # does standardising MIL inputs help?
-    summary = delta_summary(runs, pairs)
-    atomic_write_text(out_dir / "mcmkd_effect_summary.csv", summary.to_csv(index=False))
-    print(summary.to_string(index=False, float_format="%.3f"))
-    pooled = table[table["mil_seed"] == "all"]
-    print(pooled.to_string(index=False, float_format="%.3f"))
-    print(
-        pooled.groupby(["arm", "feature_norm"])["test_auc"].agg(["mean", "std", "min", "max"])
-        .to_string(float_format="%.3f")
-    )  # fmt: skip
+    done = [run_cohort_seed(work, s, args, encoders) for s in args.cohort_seeds]
+    runs = pd.concat([r for r, _ in done], ignore_index=True)
+    pretext = pd.DataFrame([row for _, rows in done for row in rows])
+    write_results(out_dir, runs, pretext, args.arms)
+    if args.results:
+        write_results(Path(args.results), runs, pretext, args.arms)
 
 
 if __name__ == "__main__":
