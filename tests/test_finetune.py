@@ -491,6 +491,84 @@ def test_no_freeze_bn_under_torchrun_finishes(cohort_reference, tmp_path):
     assert all(torch.isfinite(state[k]).all() for k in state if state[k].is_floating_point())
 
 
+# ----------------------------------------------------------------------------- controls
+
+
+def test_patch_kd_sees_every_patch_and_predicts_each_from_its_own_token(cohort_reference, tmp_path):
+    """The patch_kd control: no mask, no context, every position scored; R² reported for it
+    and for MCM-KD (against predicting the mean)."""
+    from clam_mcmkd.mcmkd.objectives import PatchHead, input_masks
+
+    head = PatchHead(8, 5, width=16)
+    tokens = torch.randn(2, 4, 8)
+    out = head(tokens.reshape(-1, 8), torch.zeros(2, 4, dtype=torch.bool))
+    moved = tokens.clone()
+    moved[0, 2] += 5.0  # another position's token changes: position 0's prediction does not
+    again = head(moved.reshape(-1, 8), torch.zeros(2, 4, dtype=torch.bool))
+    torch.testing.assert_close(again[0, :2], out[0, :2])
+    assert not torch.allclose(again[0, 2], out[0, 2])
+    cfg = replace(cohort_reference, out=str(tmp_path / "patch_kd.pt"), objective="patch_kd")
+    assert not input_masks(cfg, np.arange(3), 0).any()
+    finetune(cfg)
+    m = json.loads(output_paths(cfg.out)["final_metrics"].read_text())
+    ref = json.loads(output_paths(cohort_reference.out)["final_metrics"].read_text())
+    assert m["val_masked_positions"] == m["val_windows"] * cfg.grid**2  # every position
+    assert ref["val_masked_positions"] == ref["val_windows"] * num_masked(cfg.grid, 0.5)
+    for metrics in (m, ref):
+        assert np.isfinite([metrics[k] for k in ("val_r2_before", "val_r2_after",
+                            "val_r2_mean_baseline", "val_cos_std_after")]).all()  # fmt: skip
+        assert metrics["val_r2_mean_baseline"] <= 1e-9  # a constant scores <= 0
+    saved = read_student_checkpoint(cfg.out)
+    assert saved["config"]["objective"] == "patch_kd"
+    mcmkd = _student_state(cohort_reference.out)
+    init = create_encoder("resnet18_trunc", pretrained=False).model.state_dict()
+    weights = [k for k in init if init[k].is_floating_point()]
+    assert any(not torch.equal(saved["state_dict"][k], init[k]) for k in weights)
+    assert any(not torch.equal(saved["state_dict"][k], mcmkd[k]) for k in weights)
+
+
+def test_sham_targets_are_the_teachers_features_given_to_other_patches(cohort_reference, tmp_path):
+    from clam_mcmkd.mcmkd.objectives import ShamReader
+    from clam_mcmkd.mcmkd.teacher_cache import CacheReader
+
+    cfg = replace(cohort_reference, out=str(tmp_path / "sham.pt"), targets="sham")
+    plan = plan_windows(cfg)
+    spec = teacher_spec(cfg.teacher, ckpt=None, pretrained=False, input_size=64, device="cpu",
+                        precision=cfg.precision)  # fmt: skip
+    needed = trainer.windows_by_slide(plan.train + plan.val)
+    real = CacheReader(TeacherCache(cfg.teacher_cache, spec), plan.slides, needed)
+    sham = ShamReader(real, cfg.seed)
+    slides = sorted(needed)
+    a = np.concatenate([real.all_features(s) for s in slides])
+    b = np.concatenate([sham.all_features(s) for s in slides])
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    np.testing.assert_array_equal(np.sort(a, axis=0), np.sort(b, axis=0))  # same features
+    assert (np.abs(a - b).max(axis=1) == 0).mean() < 0.1  # almost all given to another patch
+    sw = plan.slides[slides[0]]
+    coords = sw.patch_coords(needed[slides[0]][0], cfg.grid)
+    np.testing.assert_array_equal(  # a window's targets: those rows of the permuted table
+        sham.features(slides[0], coords),
+        sham.all_features(slides[0])[[real.rows[slides[0]][(int(x), int(y))] for x, y in coords]],
+    )
+    finetune(cfg)
+    m = json.loads(output_paths(cfg.out)["final_metrics"].read_text())
+    assert np.isfinite(m["val_r2_after"]) and read_student_checkpoint(cfg.out)["config"][
+        "targets"] == "sham"  # fmt: skip
+
+
+def test_student_starts_from_an_encoder_checkpoint(cohort_reference, tmp_path):
+    from clam_mcmkd.mcmkd.config import FinetuneError
+
+    cfg = replace(cohort_reference, student_ckpt=cohort_reference.out)
+    start = trainer.build_student(cfg).model.state_dict()
+    for k, v in _student_state(cohort_reference.out).items():
+        assert torch.equal(start[k], v), k
+    with pytest.raises(FinetuneError, match="a resnet18_trunc at 64 px, but the run's student"):
+        finetune(replace(cfg, input_size=96, out=str(tmp_path / "x.pt")))
+    with pytest.raises(FinetuneError, match="--objective must be one of"):
+        finetune(replace(cohort_reference, objective="mae", out=str(tmp_path / "y.pt")))
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from ..mcmkd.config import FinetuneConfig
+from ..mcmkd.config import OBJECTIVES, TARGETS, FinetuneConfig
 from ..mcmkd.losses import LOSSES
 from ..mcmkd.masking import MASK_STRATEGIES
 from .options import (
@@ -36,6 +36,13 @@ def _opt(field: str, *names: str, **kwargs):
 @option("--teacher-input-size", default=None, type=int,
         help="Teacher input size (default: its own).")  # fmt: skip
 @_opt("student", help="Student: resnet50_trunc or resnet18_trunc.")
+@option("--student-ckpt", default=None, type=click.Path(exists=True, dir_okay=False),
+        help="Start the student from this encoder checkpoint (of --student at --input-size).")  # fmt: skip
+@_opt("objective", type=click.Choice(OBJECTIVES),
+      help="mcmkd: masked context -> teacher features of masked patches; patch_kd (control): "
+      "no mask, no context, each patch predicts its own teacher feature.")  # fmt: skip
+@_opt("targets", type=click.Choice(TARGETS),
+      help="teacher; sham (control): the teacher features permuted across patches (seeded).")  # fmt: skip
 @_opt("input_size", help="Student input size (as at extraction).")
 @_opt("grid", help="Context window side g (g x g patches).")
 @option("--window-overlap", is_flag=True,

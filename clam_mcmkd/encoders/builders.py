@@ -176,10 +176,24 @@ def _from_encoder_checkpoint(ckpt) -> Encoder:
     payload = read_student_checkpoint(ckpt)
     model = TimmCNNEncoder(payload["timm_name"], pretrained=False)
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        if next(model.parameters()).is_meta:  # a meta-device build (teacher_spec): shapes only
+            _check_shapes(model, payload["state_dict"])
+        else:
+            model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as err:
         raise EncoderError(f"{ckpt}: student weights do not fit {payload['arch']} ({err})") from err
     transforms = PatchTransforms(
         int(payload["input_size"]), tuple(payload["mean"]), tuple(payload["std"])
     )
     return Encoder(model, transforms, int(payload["out_dim"]))
+
+
+def _check_shapes(model: nn.Module, state: dict) -> None:
+    """What load_state_dict(strict=True) checks, without copying into meta tensors."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        raise RuntimeError(
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}, shapes {wrong[:3]}"
+        )

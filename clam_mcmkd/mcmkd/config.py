@@ -10,6 +10,9 @@ from pathlib import Path
 
 from ..utils import ClamMcmkdError
 
+OBJECTIVES = ("mcmkd", "patch_kd")  # what is learnt: see objectives.py
+TARGETS = ("teacher", "sham")
+
 
 class FinetuneError(ClamMcmkdError):
     pass
@@ -26,8 +29,12 @@ class FinetuneConfig:
     teacher_ckpt: str | None = None
     teacher_input_size: int | None = None  # None: the teacher's own (timm) input size
     student: str = "resnet50_trunc"
+    student_ckpt: str | None = None  # start the student from this encoder checkpoint
     input_size: int = 224  # student input size (what extraction will use)
     pretrained: bool = True
+    # what is learnt (objectives.py): mcmkd | patch_kd (no mask, no context); teacher | sham
+    objective: str = "mcmkd"
+    targets: str = "teacher"
     # context windows and masking
     grid: int = 4
     window_overlap: bool = False
@@ -73,7 +80,8 @@ class FinetuneConfig:
 
 # Fields that must not change between a run and its --resume.
 RESUME_KEYS = (
-    "teacher", "teacher_ckpt", "teacher_input_size", "student", "input_size", "pretrained",
+    "teacher", "teacher_ckpt", "teacher_input_size", "student", "student_ckpt", "input_size",
+    "pretrained", "objective", "targets",
     "grid", "window_overlap", "mask_ratio", "mask_strategy", "predictor_width",
     "predictor_depth", "predictor_heads", "loss", "visible_weight", "epochs", "batch_size",
     "lr", "student_lr_mult", "weight_decay", "warmup_frac", "min_lr_ratio", "grad_clip",
@@ -114,6 +122,12 @@ def validate_config(cfg: FinetuneConfig) -> None:
             f"unknown student '{cfg.student}': MCM-KD fine-tunes {sorted(STUDENT_ARCHS)}"
         )
     _check_teacher_name(cfg.teacher)
+    if cfg.objective not in OBJECTIVES:
+        raise FinetuneError(f"--objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+    if cfg.targets not in TARGETS:
+        raise FinetuneError(f"--targets must be one of {TARGETS}, got {cfg.targets!r}")
+    if cfg.student_ckpt is not None:
+        _check_student_ckpt(cfg)
     if cfg.grid < 2:
         raise FinetuneError(f"--grid must be >= 2, got {cfg.grid}")
     if not 0.0 < cfg.mask_ratio < 1.0:
@@ -137,6 +151,19 @@ def validate_config(cfg: FinetuneConfig) -> None:
                 "--shard needs --teacher-cache-only: training is not split into array jobs "
                 "(use torchrun); array jobs fill the teacher cache"
             )
+
+
+def _check_student_ckpt(cfg: FinetuneConfig) -> None:
+    """The starting checkpoint must be the configured student at the configured input size
+    (what the fine-tuned checkpoint will say it is)."""
+    from ..encoders import read_student_checkpoint
+
+    payload = read_student_checkpoint(cfg.student_ckpt)
+    if payload["arch"] != cfg.student or int(payload["input_size"]) != cfg.input_size:
+        raise FinetuneError(
+            f"{cfg.student_ckpt}: a {payload['arch']} at {payload['input_size']} px, but the "
+            f"run's student is {cfg.student} at {cfg.input_size} px (--student, --input-size)"
+        )
 
 
 def _check_teacher_name(name: str) -> None:

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import OBJECTIVES, TARGETS
 from .masking import num_masked, window_masks
 
-OBJECTIVES = ("mcmkd", "patch_kd")
-TARGETS = ("teacher", "sham")
+__all__ = ["OBJECTIVES", "TARGETS", "PatchHead", "ShamReader", "build_predictor"]
 
 
 class PatchHead(nn.Module):

@@ -56,6 +56,12 @@ def run_metrics(
             val_cosine_after=val_after["cosine"],
             val_cosine_mean_baseline=val_after["mean_baseline_cosine"],
             val_masked_positions=val_after["positions"],
+            # on standardised teacher features, where predicting the mean scores <= 0
+            val_r2_before=val_before.get("r2"),
+            val_r2_after=val_after.get("r2"),
+            val_r2_mean_baseline=val_after.get("r2_mean_baseline"),
+            val_cos_std_before=val_before.get("cos_std"),
+            val_cos_std_after=val_after.get("cos_std"),
         )
     return metrics
 

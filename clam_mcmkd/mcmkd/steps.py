@@ -21,7 +21,8 @@ from ..encoders import PatchTransforms
 from ..encoders.forward import autocast, model_input, to_device
 from .config import FinetuneConfig
 from .losses import TargetStandardizer, mcmkd_loss_sums
-from .masking import num_masked, window_masks
+from .metrics import pretext_sums, scores_from_sums
+from .objectives import input_masks, scored_per_window, scored_positions
 from .predictor import ContextPredictor
 from .windows import WindowDataset, epoch_order
 
@@ -148,21 +149,21 @@ def train_step(
     """One optimizer step over this rank's micro-batches (`batches` yields one per entry of
     `micro`, empty ones included: every rank runs every forward); (loss summed over all ranks,
     a 0-d tensor on `device`, read it when logging; group lrs). No host sync inside."""
-    k_masked = num_masked(cfg.grid, cfg.mask_ratio)
-    masked_norm = 1.0 / (n_step * k_masked)
-    visible_norm = cfg.visible_weight / (n_step * (cfg.grid * cfg.grid - k_masked))
+    k_scored = scored_per_window(cfg)  # masked positions (patch_kd: all) of each window
+    n_rest = cfg.grid * cfg.grid - k_scored
+    masked_norm = 1.0 / (n_step * k_scored)
+    visible_norm = cfg.visible_weight / (n_step * n_rest) if n_rest else 0.0
     learner.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for ix in micro:
         batch = next(batches)
-        mask = torch.from_numpy(
-            window_masks(ix, cfg.grid, cfg.mask_ratio, cfg.mask_strategy, cfg.seed, epoch)
-        )
+        mask = torch.from_numpy(input_masks(cfg, ix, epoch))
         pred = forward_windows(learner, batch, mask, device, cfg.precision)
         target = to_device(batch["teacher"], device).float()
         pred, target = learner.standardizer.loss_space(pred, target, cfg.loss)
-        m_sum, v_sum = mcmkd_loss_sums(pred, target, to_device(mask, device), cfg.loss)
-        loss = m_sum * masked_norm + (v_sum * visible_norm if cfg.visible_weight > 0 else 0.0)
+        scored = to_device(scored_positions(cfg, mask), device)
+        m_sum, v_sum = mcmkd_loss_sums(pred, target, scored, cfg.loss)
+        loss = m_sum * masked_norm + (v_sum * visible_norm if visible_norm > 0 else 0.0)
         loss.backward()
         loss_sum += loss.detach()
     params = learner.params
@@ -196,34 +197,35 @@ def evaluate(
     device: str,
     info: DistInfo,
 ) -> dict[str, float]:
-    """Masked-patch cosine to the teacher on validation windows (fixed masks), and the
-    "predict the mean teacher feature" baseline on the same positions."""
+    """The scored positions of the validation windows (masked ones, fixed masks; patch_kd:
+    all): cosine to the teacher and the "predict the mean teacher feature" baseline's, and on
+    standardised teacher features R², its mean baseline and the cosine (``metrics.py``)."""
     student, predictor = learner.student, learner.predictor
     was_training = student.training, predictor.training
     student.eval()
     predictor.eval()
     idx = np.arange(len(dataset))[info.rank :: info.world_size]
     mean = teacher_mean.to(device)
-    # cos(pred), cos(mean), n masked: summed on the device, read once at the end
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    # cos(pred), cos(mean), n scored, then pretext_sums: on the device, read once at the end
+    sums = torch.zeros(4 + 4 + int(mean.numel()), dtype=torch.float64, device=device)
     for start in range(0, len(idx), max(1, cfg.batch_size)):
         ix = idx[start : start + cfg.batch_size]
         batch = torch.utils.data.default_collate([dataset[int(i)] for i in ix])
-        mask = torch.from_numpy(
-            window_masks(ix, cfg.grid, cfg.mask_ratio, cfg.mask_strategy, cfg.seed, VAL_MASK_EPOCH)
-        )
-        pred = learner.standardizer.inverse(
-            forward_windows(learner, batch, mask, device, cfg.precision)
-        )
+        mask = torch.from_numpy(input_masks(cfg, ix, VAL_MASK_EPOCH))
+        z_pred = forward_windows(learner, batch, mask, device, cfg.precision)
+        pred = learner.standardizer.inverse(z_pred)
         target = to_device(batch["teacher"], device).float()
-        m = to_device(mask, device)
+        m = to_device(scored_positions(cfg, mask), device)
         cos = nn.functional.cosine_similarity(pred, target, dim=-1)
         cos_mean = nn.functional.cosine_similarity(mean.expand_as(target), target, dim=-1)
         scored = [torch.where(m, c, 0.0).sum() for c in (cos, cos_mean)]  # no mask indexing
-        sums += torch.stack([*scored, m.sum()]).double()
+        pretext = pretext_sums(z_pred, learner.standardizer.forward(target), m)
+        sums += torch.cat([torch.stack([*scored, m.sum(), torch.zeros((), device=device)])
+                           .double(), pretext])  # fmt: skip
     sums = all_reduce_(sums, info).tolist()
     if was_training[0]:
         set_student_mode(student, cfg.freeze_bn)
     predictor.train(was_training[1])
     n = max(sums[2], 1.0)
-    return {"cosine": sums[0] / n, "mean_baseline_cosine": sums[1] / n, "positions": int(sums[2])}
+    return {"cosine": sums[0] / n, "mean_baseline_cosine": sums[1] / n,
+            "positions": int(sums[2]), **scores_from_sums(sums[4:])}  # fmt: skip

@@ -38,9 +38,9 @@ from ..patch_pipeline import default_num_workers
 from ..utils import RunSummary, progress, resolve_device
 from .config import FinetuneConfig, output_paths, teacher_cache_dir, validate_config
 from .losses import TargetStandardizer
+from .objectives import ShamReader, build_predictor
 from .outputs import run_metrics, write_run_outputs
 from .planning import WindowPlan, plan_windows, windows_by_slide
-from .predictor import ContextPredictor
 from .state import fingerprint, load_state, rng_state, save_state, set_rng_state
 from .steps import (
     Batches,
@@ -179,6 +179,8 @@ def teacher_targets(
     """The teacher feature of every training and validation patch, read from the cache, and
     their statistics over the training patches."""
     reader = CacheReader(cache, plan.slides, windows_by_slide(plan.train + plan.val))
+    if cfg.targets == "sham":  # the same features, each given to another patch
+        reader = ShamReader(reader, cfg.seed)
     dim, mean, std = teacher_stats(reader, plan.slides, windows_by_slide(plan.train), cfg.grid)
     return TeacherTargets(reader, dim, mean, std, stats, cache.dir)
 
@@ -202,18 +204,9 @@ def build(
 ) -> Run:
     """Student (seeded), context predictor, optimiser, lr schedule and the window datasets."""
     torch.manual_seed(cfg.seed)
-    student_enc = create_encoder(
-        cfg.student, pretrained=cfg.pretrained, target_img_size=cfg.input_size
-    )
+    student_enc = build_student(cfg)
     student = prepare_encoder(student_enc, device)
-    predictor = ContextPredictor(
-        student_enc.out_dim,
-        targets.dim,
-        cfg.grid,
-        width=cfg.predictor_width,
-        depth=cfg.predictor_depth,
-        heads=cfg.predictor_heads,
-    ).to(device)
+    predictor = build_predictor(cfg, student_enc.out_dim, targets.dim).to(device)
     average_bn = False
     if not cfg.freeze_bn and info.enabled:
         if str(device).startswith("cuda"):  # SyncBatchNorm raises on CPU tensors
@@ -237,6 +230,14 @@ def build(
     val_set = WindowDataset(plan.slides, plan.val, cfg.grid, teacher=targets.reader)
     empty = empty_batch(plan.slides[0].patch_size, cfg.grid, targets.dim)
     return Run(learner, student_enc.out_dim, batches, train_set, val_set, empty)
+
+
+def build_student(cfg: FinetuneConfig):
+    """The student encoder at its starting point: ``student_ckpt`` (checked against
+    ``student``/``input_size`` by validate_config), else the named init."""
+    if cfg.student_ckpt:
+        return create_encoder("checkpoint", ckpt=cfg.student_ckpt)
+    return create_encoder(cfg.student, pretrained=cfg.pretrained, target_img_size=cfg.input_size)
 
 
 def restore(
