@@ -86,7 +86,7 @@ def cohort_stage(root: Path, n: int, seed: int, args, contrast: float) -> Path:
 
 def cohort_patches(root: Path, slide_ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """uint8 patches and coords per slide (the tiles' coords, read through the fast loader)."""
-    from clam_mcmkd.patch_loader import iter_patch_batches
+    from clam_mcmkd.patch_pipeline import iter_patch_batches
 
     out = {}
     for sid in slide_ids:
@@ -387,7 +387,8 @@ def run_cohort_seed(work: Path, seed: int, args, encoders: dict[str, Path]) -> p
     timer = Timer(work / f"c{args.contrast:g}" / "timings.csv", cohort_seed=seed)
     csv = timer("cohort+tile", cohort_stage, root, args.n_slides, 1000 + seed, args, args.contrast)
     if args.instruments:
-        inst = timer("instruments", instruments_stage, root, csv, encoders)
+        chosen = {k: v for k, v in encoders.items() if k in args.instrument_encoders}
+        inst = timer("instruments", instruments_stage, root, csv, chosen)
         log("instruments:\n" + inst.to_string(index=False, float_format="%.3f"))
     split_dir = splits_stage(root, csv, args, seed)
     frames, frames_pretext = [], []
@@ -430,6 +431,11 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=240)
     ap.add_argument("--baseline-steps", type=int, default=400)
     ap.add_argument("--instruments", action="store_true", help="feature health + probes first")
+    ap.add_argument(
+        "--instrument-encoders",
+        nargs="+",
+        default=["random_init", "baseline", "teacher", "teacher_morph", "random_teacher"],
+    )
     ap.add_argument(
         "--teacher-morph",
         action="store_true",
