@@ -300,35 +300,45 @@ def make_slide(
 ) -> dict:
     """Write one synthetic slide; returns its ground truth (tissue and tumour, level-0 px)."""
     cfg = cfg or CohortConfig(out_dir=str(Path(path).parent))
+    width, height = slide_dims(cfg, size, height)
+    renderer = _SlideRenderer(cfg, width, height, seed, positive)
+    write_pyramid(path, renderer.tiles(), renderer.level1, width, height, cfg)
+    truth = slide_truth(cfg, width, height, positive, renderer.tissue, renderer.tumor)
+    if cfg.tumor_contrast != 1.0:  # key left out at the default: annotations stay byte-identical
+        truth["tumor_contrast"] = cfg.tumor_contrast
+    return truth
+
+
+def slide_dims(cfg: CohortConfig, size: int, height: int | None) -> tuple[int, int]:
     width, height = int(size), int(height or size)
     if min(width, height) < 2 * cfg.tile_size:
         raise ValueError(
             f"slide side must be at least {2 * cfg.tile_size} px, got {width}x{height}"
         )
-    renderer = _SlideRenderer(cfg, width, height, seed, positive)
-    write_pyramid(path, renderer.tiles(), renderer.level1, width, height, cfg)
+    return width, height
+
+
+def slide_truth(cfg: CohortConfig, width: int, height: int, positive: bool, tissue, tumor,
+                extra: dict | None = None) -> dict:  # fmt: skip
+    """One slide's annotation: size, label, `extra` keys, tissue and tumour contours, areas
+    and the tumour's bounding box (x0, y0, x1, y1), all in level-0 px (masks at mask_step)."""
     step = cfg.mask_step
     truth = {
         "width": width,
         "height": height,
         "mpp": cfg.mpp,
         "label": LABELS[int(positive)],
-        "tissue_contours": _mask_contours(renderer.tissue, step),
-        "tissue_area_px": int(renderer.tissue.sum()) * step * step,
-        "tumor_contours": _mask_contours(renderer.tumor, step) if positive else [],
-        "tumor_area_px": int(renderer.tumor.sum()) * step * step,
+        **(extra or {}),
+        "tissue_contours": _mask_contours(tissue, step),
+        "tissue_area_px": int(tissue.sum()) * step * step,
+        "tumor_contours": _mask_contours(tumor, step) if positive else [],
+        "tumor_area_px": int(tumor.sum()) * step * step,
         "tumor_bbox": None,
     }
-    if cfg.tumor_contrast != 1.0:  # key left out at the default: annotations stay byte-identical
-        truth["tumor_contrast"] = cfg.tumor_contrast
-    if positive:
-        ys, xs = np.nonzero(renderer.tumor)
-        truth["tumor_bbox"] = [
-            int(xs.min()) * step,
-            int(ys.min()) * step,
-            int(xs.max() + 1) * step,
-            int(ys.max() + 1) * step,
-        ]  # x0, y0, x1, y1
+    if positive and tumor.any():
+        ys, xs = np.nonzero(tumor)
+        truth["tumor_bbox"] = [int(xs.min()) * step, int(ys.min()) * step,
+                               int(xs.max() + 1) * step, int(ys.max() + 1) * step]  # fmt: skip
     return truth
 
 

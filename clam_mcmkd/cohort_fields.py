@@ -392,38 +392,17 @@ def make_fields_slide(
 ) -> dict:
     """Write one fields slide and ``<path stem>.npz`` ground-truth maps beside its annotation
     (``make_cohort`` puts them in ``annotations/``); returns the annotation dict."""
-    from .cohort import LABELS, CohortConfig, _mask_contours
+    from .cohort import CohortConfig, slide_dims, slide_truth
     from .synthetic_tiff import write_pyramid
 
     cfg = cfg or CohortConfig(out_dir=str(Path(path).parent), kind="fields")
-    width, height = int(size), int(height or size)
-    if min(width, height) < 2 * cfg.tile_size:
-        raise ValueError(
-            f"slide side must be at least {2 * cfg.tile_size} px, got {width}x{height}"
-        )
+    width, height = slide_dims(cfg, size, height)
     renderer = FieldsRenderer(cfg, width, height, seed, positive)
     write_pyramid(path, renderer.tiles(), renderer.level1, width, height, cfg)
-    step = cfg.mask_step
+    extra = {"kind": "fields", "texture_source": cfg.texture_source,
+             "tumor_contrast": cfg.tumor_contrast, "classes": list(CLASSES)}  # fmt: skip
     region = renderer.atypia >= 0.5
-    truth = {
-        "width": width,
-        "height": height,
-        "mpp": cfg.mpp,
-        "label": LABELS[int(positive)],
-        "kind": "fields",
-        "texture_source": cfg.texture_source,
-        "tumor_contrast": cfg.tumor_contrast,
-        "classes": list(CLASSES),
-        "tissue_contours": _mask_contours(renderer.tissue, step),
-        "tissue_area_px": int(renderer.tissue.sum()) * step * step,
-        "tumor_contours": _mask_contours(region, step) if positive else [],
-        "tumor_area_px": int(region.sum()) * step * step,
-        "tumor_bbox": None,
-    }
-    if positive and region.any():
-        ys, xs = np.nonzero(region)
-        truth["tumor_bbox"] = [int(xs.min()) * step, int(ys.min()) * step,
-                               int(xs.max() + 1) * step, int(ys.max() + 1) * step]  # fmt: skip
+    truth = slide_truth(cfg, width, height, positive, renderer.tissue, region, extra)
     maps_dir = Path(cfg.out_dir) / "annotations"
-    write_maps(maps_dir / f"{Path(path).stem}.npz", renderer, step)
+    write_maps(maps_dir / f"{Path(path).stem}.npz", renderer, cfg.mask_step)
     return truth
