@@ -43,7 +43,8 @@ def auc_table(runs: pd.DataFrame) -> pd.DataFrame:
 def delta_summary(runs: pd.DataFrame, pairs, n_resamples: int = 2000) -> pd.DataFrame:
     """ΔAUC of (arm_a, norm_a) - (arm_b, norm_b) pooled over cohort seeds (the pre-registered
     statistics: fold/seed-averaged slide probabilities, paired label-stratified bootstrap CI
-    stratified by cohort seed, DeLong pooled with equal weights)."""
+    stratified by cohort seed, DeLong pooled with equal weights). The two primary endpoints
+    (zscore) also get Holm-adjusted p values over the pair of them."""
     from clam_mcmkd.benchmark.stats import average_slide_probabilities, pooled_delta_auc
 
     avg = average_slide_probabilities(
@@ -51,27 +52,46 @@ def delta_summary(runs: pd.DataFrame, pairs, n_resamples: int = 2000) -> pd.Data
     )
     rows = []
     for (arm_a, norm_a), (arm_b, norm_b) in pairs:
-        groups, seeds = [], []
-        for seed, g in avg.groupby("cohort_seed"):
+        groups = []
+        for _, g in avg.groupby("cohort_seed"):
             a = g[(g.arm == arm_a) & (g.feature_norm == norm_a)].set_index("slide_id")
             b = g[(g.arm == arm_b) & (g.feature_norm == norm_b)].set_index("slide_id")
             if a.empty or b.empty:
                 continue
             b = b.loc[a.index]  # paired: the same test slides in the same order
             groups.append((a["y"].to_numpy(), a["prob"].to_numpy(), b["prob"].to_numpy()))
-            seeds.append(seed)
         if not groups:
             continue
         res = pooled_delta_auc(groups, n_resamples=n_resamples, seed=0)
+        same = norm_a == norm_b
+        primary = same and norm_a == "zscore" and (arm_a, arm_b) in PRIMARY
         rows.append(
             {
-                "arm": f"{arm_a}:{norm_a}", "comparison": f"{arm_b}:{norm_b}",
+                "arm": arm_a if same else f"{arm_a}:{norm_a}",
+                "comparison": arm_b if same else f"{arm_b}:{norm_b}",
+                "feature_norm": norm_a if same else "mixed",
+                "endpoint": f"primary {PRIMARY.index((arm_a, arm_b)) + 1}" if primary
+                else "secondary",
                 "delta_auc": res.delta, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                "p_delong": res.p, "n_cohort_seeds": len(seeds),
+                "p_delong": res.p, "n_cohort_seeds": len(groups),
+                "n_test_slides": int(sum(len(y) for y, _, _ in groups)),
                 "per_seed_delta": " ".join(f"{r.delta:+.3f}" for r in res.per_group),
             }
         )  # fmt: skip
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["p_holm"] = holm(table["p_delong"].where(table["endpoint"] != "secondary"))
+    return table
+
+
+def holm(p: pd.Series) -> pd.Series:
+    """Holm's step-down adjustment over the non-missing p values (others stay missing)."""
+    import numpy as np
+
+    ok = p.dropna().sort_values()
+    m = len(ok)
+    adj = np.minimum(1.0, np.maximum.accumulate([(m - i) * v for i, v in enumerate(ok)]))
+    return pd.Series(adj, index=ok.index).reindex(p.index)
 
 
 def comparisons(arms) -> list[tuple[str, str]]:
@@ -90,14 +110,13 @@ def forest_plot(summary: pd.DataFrame, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = list(dict.fromkeys(
-        f"{a.split(':')[0]} − {c.split(':')[0]}" for a, c in zip(summary.arm, summary.comparison)
-    ))  # fmt: skip
+    summary = summary[summary.feature_norm != "mixed"]
+    labels = list(dict.fromkeys(f"{a} − {c}" for a, c in zip(summary.arm, summary.comparison)))
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(labels) + 1.6))
     for norm, dy, style in (("zscore", -0.15, "o"), ("none", 0.15, "s")):
-        part = summary[summary.arm.str.endswith(":" + norm)]
+        part = summary[summary.feature_norm == norm]
         for _, row in part.iterrows():
-            y = labels.index(f"{row.arm.split(':')[0]} − {row.comparison.split(':')[0]}") + dy
+            y = labels.index(f"{row.arm} − {row.comparison}") + dy
             ax.errorbar(row.delta_auc, y, xerr=[[row.delta_auc - row.ci_low],
                         [row.ci_high - row.delta_auc]], fmt=style, capsize=3,
                         color="black" if norm == "zscore" else "grey",
@@ -124,6 +143,8 @@ def write_results(out_dir: Path, runs: pd.DataFrame, pretext: pd.DataFrame, arms
     atomic_write_text(out_dir / "mcmkd_effect.csv", table.to_csv(index=False))
     norms = [n for n in ("zscore", "none") if n in set(runs["feature_norm"])]
     pairs = [((a, n), (b, n)) for n in norms for a, b in comparisons(arms)]
+    if len(norms) == 2 and "untuned" in arms:  # does standardising MIL inputs matter?
+        pairs.append((("untuned", "zscore"), ("untuned", "none")))
     summary = delta_summary(runs, pairs)
     atomic_write_text(out_dir / "mcmkd_effect_summary.csv", summary.to_csv(index=False))
     if not pretext.empty:
@@ -137,3 +158,23 @@ def write_results(out_dir: Path, runs: pd.DataFrame, pretext: pd.DataFrame, arms
         .to_string(float_format="%.3f")
     )  # fmt: skip
     return summary
+
+
+def main() -> None:
+    """Rebuild the tables and the plot from a run's ``runs.csv`` (and pretext rows)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--pretext", default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    runs = pd.read_csv(args.runs)
+    pretext = pd.read_csv(args.pretext) if args.pretext else pd.DataFrame()
+    order = ["untuned", "mcmkd", "patch_kd", "random_teacher", "sham", "teacher"]
+    arms = [a for a in order if a in set(runs["arm"])]
+    write_results(Path(args.out), runs, pretext, arms)
+
+
+if __name__ == "__main__":
+    main()
