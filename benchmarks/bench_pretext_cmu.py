@@ -45,7 +45,9 @@ def main() -> None:
     out, enc = Path(args.out), Path(args.encoders)
     tile_slides(TileConfig(source=str(SLIDE), save_dir=str(out / "tiles"), patch_size=64,
                            step_size=64))  # fmt: skip
-    csv = write_dataset_csv(out / "slides.csv", [{"case_id": "c", "slide_id": SLIDE.stem}])
+    csv = write_dataset_csv(
+        out / "slides.csv", [{"case_id": "c", "slide_id": SLIDE.stem, "label": "unlabelled"}]
+    )
     rows = []
     for objective in args.objectives:
         t0 = time.perf_counter()
