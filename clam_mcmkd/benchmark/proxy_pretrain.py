@@ -274,3 +274,23 @@ def save_random_encoder(out: str | os.PathLike, cfg: FitConfig | None = None) ->
     metrics = {"task": "none (random init)"}
     _save(out, model, cfg, metrics)
     return metrics
+
+
+def tissue_class_patches(cohort_dir: str | os.PathLike, patches_dir: str | os.PathLike):
+    """The teacher's training data from a ``kind="fields"`` cohort: every tiled patch (uint8
+    (N, P, P, 3)) and its tissue class (the generator's map under it; never the slide label)."""
+    from ..clam.formats import read_coords_h5, read_dataset_csv
+    from ..cohort_fields import patch_truth, read_maps
+    from ..patch_pipeline import iter_patch_batches
+
+    images, classes = [], []
+    for sid in read_dataset_csv(Path(cohort_dir) / "dataset.csv")["slide_id"]:
+        h5 = Path(patches_dir) / f"{sid}.h5"
+        if not h5.is_file():
+            continue  # no tissue
+        coords = read_coords_h5(h5)
+        slide = Path(cohort_dir) / "slides" / f"{sid}.tif"
+        images += [b.numpy() for b in iter_patch_batches(slide, coords, 512)]
+        level0 = int(round(coords.patch_size * coords.downsample[0]))
+        classes.append(patch_truth(read_maps(cohort_dir, sid), coords.coords, level0)[0])
+    return np.concatenate(images), np.concatenate(classes)
