@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from clam_mcmkd.benchmark.arms import arm_label
 from clam_mcmkd.benchmark.config import (
     NAMED_CONFIGS,
     BenchmarkConfigError,
@@ -23,6 +24,7 @@ from clam_mcmkd.benchmark.config import (
 from clam_mcmkd.benchmark.demo import DemoConfig, benchmark_config, resolve, run_demo
 from clam_mcmkd.benchmark.run import BenchmarkError, run_benchmark
 from clam_mcmkd.cli import main
+from clam_mcmkd.mil.config import TrainConfig
 
 REPORT_FILES = ("report.md", "report.csv", "report_folds.csv")
 
@@ -37,9 +39,56 @@ def test_named_configs_load_and_differ_where_the_datasets_do():
     assert cfgs["tcga_nsclc"].splits.patient_strat and cfgs["tcga_nsclc"].splits.k == 10
     assert cfgs["tcga_nsclc"].label_dict == {"LUAD": 0, "LUSC": 1}
     for cfg in cfgs.values():
-        assert cfg.encoders[0] == cfg.extraction.baseline
-        assert cfg.encoders[-1] == "mcmkd_resnet50" and len(cfg.encoders) == 3
+        assert cfg.arm_names[0] == cfg.baseline == "untuned"
+        assert cfg.arm_names == ["untuned", "mcmkd", "patch_kd", "teacher"]
+        assert cfg.pairs[-1] == ("mcmkd", "patch_kd") and len(cfg.pairs) == 4
+        assert cfg.mil.feature_norm == "zscore" and cfg.report.n_resamples == 2000
     assert cfgs["demo"].pretrained is False
+    for name in ("camelyon16", "tcga_nsclc"):  # named for what they are
+        labels = [arm_label(cfgs[name], a) for a in cfgs[name].arms]
+        assert labels == ["resnet50_trunc", "mcmkd(resnet50_trunc←uni_v1)",
+                          "patch_kd(resnet50_trunc←uni_v1)", "uni_v1"]  # fmt: skip
+    assert TrainConfig.feature_norm == "none"  # `train` keeps CLAM's raw features by default
+
+
+def test_arms_are_checked_and_named_for_what_they_are(tmp_path):
+    """A config's arms: errors name the arm and key; labels never claim another architecture
+    (a ResNet-18 student is no "mcmkd_resnet50"); controls are more arms."""
+    cases = [
+        ({"arms": [{"kind": "untuned"}]}, "arm 0 has no 'name'"),
+        ({"arms": [{"name": "a", "kind": "magic"}]}, "arm 'a': kind must be one of"),
+        ({"arms": [{"name": "a", "objective": "mae"}]}, "arm 'a': objective must be one of"),
+        ({"arms": [{"name": "a b", "kind": "untuned"}]}, "arm 'a b': a name is letters"),
+        ({"arms": [{"name": "a", "kind": "untuned"}] * 2}, "arm names must be unique"),
+        ({"baseline": "nope"}, r"baseline 'nope' is not an arm"),
+        ({"comparisons": [["mcmkd", "sham"]]}, "comparisons takes pairs of two different arms"),
+        ({"mil": {"feature_norm": "l2"}}, "mil.feature_norm must be one of"),
+        ({"arms": [{"name": "a", "kind": "untuned", "teachr": "x"}]}, r"\['teachr'\] in arm 0"),
+    ]
+    for data, message in cases:
+        with pytest.raises(BenchmarkConfigError, match=message):
+            config_from_dict(data, "x.yaml")
+    from clam_mcmkd.benchmark.proxy_pretrain import FitConfig, save_random_encoder
+
+    save_random_encoder(tmp_path / "rand.pt", FitConfig(arch="resnet18_trunc", steps=0))
+    cfg = with_overrides(
+        load_config("demo"), ckpt_dir=str(tmp_path),
+        arms=[{"name": "untuned", "kind": "untuned"},
+              {"name": "sham", "kind": "finetune", "targets": "sham"},
+              {"name": "random_teacher", "kind": "finetune", "teacher": "checkpoint",
+               "teacher_ckpt": "rand.pt"},
+              {"name": "uni", "kind": "encoder", "encoder": "uni2_h"}],
+        **{"finetune.student_ckpt": "rand.pt", "finetune.teacher": "vit_tiny_patch16_224"},
+    )  # fmt: skip
+    cfg.finetune.teacher_ckpt = None  # (an override of None means "not given")
+    labels = [arm_label(cfg, a) for a in cfg.arms]
+    assert labels == ["resnet18_trunc[rand]", "mcmkd+sham(resnet18_trunc[rand]←vit_tiny_patch16_224[random])",
+                      "mcmkd(resnet18_trunc[rand]←resnet18_trunc[rand])", "uni2_h[random]"]  # fmt: skip
+    assert cfg.pairs == [("sham", "untuned"), ("random_teacher", "untuned"), ("uni", "untuned")]
+    only = with_overrides(load_config("demo"), only_arms=["untuned", "teacher"])
+    assert only.arm_names == ["untuned", "teacher"] and only.pairs == [("teacher", "untuned")]
+    with pytest.raises(BenchmarkConfigError, match="is not an arm"):
+        with_overrides(load_config("demo"), only_arms=["mcmkd"])
 
 
 def test_config_errors_name_the_key_and_overrides_do_not_leak(tmp_path):
@@ -72,11 +121,17 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     base = with_overrides(
         load_config("demo"), slides=str(slides), labels=str(labels), out=str(tmp_path / "out")
     )
+    fake_clam = tmp_path / "CLAM"
+    fake_clam.mkdir()
+    for script in ("extract_features_fp.py", "main.py"):
+        (fake_clam / script).write_text("")
     cases = [
         ({"slides": str(tmp_path / "nope")}, "nope: --slides is not a directory"),
         ({"labels": str(tmp_path / "x.csv")}, r"x.csv: --labels file does not exist"),
         ({"mil.models": ["abmil", "transmil"]}, r"unknown MIL model\(s\) \['transmil'\]"),
         ({"clam_dir": str(tmp_path)}, "not a CLAM checkout"),
+        ({"clam_dir": str(fake_clam)}, "CLAM's main.py feeds raw features"),
+        ({}, "proxy_baseline.pt: checkpoint named by the config does not exist"),
     ]
     for overrides, message in cases:
         with pytest.raises(BenchmarkError, match=message):
@@ -162,37 +217,40 @@ def test_demo_killed_mid_stage_resumes_and_reruns_identically(tmp_path):
     out = tmp_path / "demo"
     bench = out / "benchmark"
     stages = bench / "stages"
-    baseline = load_config("demo").extraction.baseline
+    baseline = load_config("demo").baseline
     baseline_pt = bench / "features" / baseline / "pt_files"
 
     # 1. kill the run while it extracts the baseline's features (some slides done, not all)
     proc = _start_demo(out)
     _kill_when(proc, lambda: baseline_pt.is_dir() and any(baseline_pt.glob("*.pt")))
-    assert (stages / "finetune.json").is_file()
+    assert (stages / "finetune-mcmkd.json").is_file()
+    assert (stages / "finetune-patch_kd.json").is_file()
     assert not (stages / f"extract-{baseline}.json").is_file()
     before = {
         p.name: (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in stages.glob("*.json")  # tile, dataset, splits, finetune
+        for p in stages.glob("*.json")  # tile, dataset, splits, finetune-*
     }
-    ckpt = bench / "finetune" / "mcmkd_resnet50.pt"
+    ckpt = bench / "finetune" / "mcmkd.pt"
     done_slides = {p.name: p.stat().st_mtime_ns for p in baseline_pt.glob("*.pt")}
     coords_before = _mtimes(bench / "patches")
+    encoders_before = _mtimes(out / "encoders")
 
-    # 2. rerun: finishes without redoing finished stages or finished slides
+    # 2. rerun: finishes without redoing finished stages, finished slides or the encoders
     ckpt_mtime = ckpt.stat().st_mtime_ns
     report = run_demo(DemoConfig(out=str(out), smallest=True))
     for name, (data, mtime) in before.items():
         assert (stages / name).read_bytes() == data and (stages / name).stat().st_mtime_ns == mtime
     assert ckpt.stat().st_mtime_ns == ckpt_mtime
     assert _mtimes(bench / "patches") == coords_before
+    assert _mtimes(out / "encoders") == encoders_before
     for name, mtime in done_slides.items():
         assert (baseline_pt / name).stat().st_mtime_ns == mtime
 
-    # 3. the report: a row per encoder x model, numbers in [0, 1], one ROC png per model
+    # 3. the report: a row per arm x model, numbers in [0, 1], one ROC png per model
     cfg = benchmark_config(resolve(DemoConfig(out=str(out), smallest=True)))
     df = pd.read_csv(bench / "report.csv")
-    expected = {(e, m) for e in cfg.encoders for m in cfg.mil.models}
-    assert set(zip(df["encoder"], df["model"])) == expected and len(df) == len(expected)
+    expected = {(a, m) for a in cfg.arm_names for m in cfg.mil.models}
+    assert set(zip(df["arm"], df["model"])) == expected and len(df) == len(expected)
     assert (df["n_folds"] == cfg.splits.k).all()
     for col in ("test_auc_mean", "test_acc_mean", "val_auc_mean", "val_acc_mean"):
         assert df[col].between(0, 1).all(), col
@@ -205,23 +263,65 @@ def test_demo_killed_mid_stage_resumes_and_reruns_identically(tmp_path):
     # every encoder was trained and tested on the same folds
     folds = pd.read_csv(bench / "report_folds.csv")
     assert folds.groupby(["encoder", "model"])["fold"].apply(sorted).map(tuple).nunique() == 1
+    _check_slide_statistics(cfg, bench, df)
+    assert "Demo, not evidence" in text and "cannot show whether MCM-KD helps" in text
+    assert "baseline held-out linear accuracy 0." in text  # the offline encoders' own figures
 
     # 4. rerunning `benchmark` (CLI, config written by the run) on the finished out: no work,
     #    the same report byte for byte
-    reports = {name: (bench / name).read_bytes() for name in REPORT_FILES}
+    reports = {p.name: p.read_bytes() for p in bench.glob("report*")}
     pngs = {p.name: p.read_bytes() for p in bench.glob("roc_*.png")}
     work = {k: v for k, v in _mtimes(bench).items() if not k.startswith(("report", "roc_"))}
     result = CliRunner().invoke(
         main, ["benchmark", "--config", str(bench / "benchmark_config.json")]
     )
     assert result.exit_code == 0, result.output
-    assert "(baseline)" in result.output and "mcmkd_resnet50" in result.output
+    assert (
+        "(baseline)" in result.output and "mcmkd(resnet18_trunc[proxy_baseline]←" in result.output
+    )
+    assert "mcmkd_resnet50" not in result.output and "Demo, not evidence" in result.output
     after = {k: v for k, v in _mtimes(bench).items() if not k.startswith(("report", "roc_"))}
     assert after == work
-    assert {name: (bench / name).read_bytes() for name in REPORT_FILES} == reports
+    assert {p.name: p.read_bytes() for p in bench.glob("report*")} == reports
     assert {p.name: p.read_bytes() for p in bench.glob("roc_*.png")} == pngs
 
     # 5. a config that contradicts a finished stage is refused, naming the stage
     with pytest.raises(BenchmarkError, match="stage 'splits' finished with other settings"):
         run_benchmark(with_overrides(cfg, **{"splits.k": cfg.splits.k + 1}))
-    assert {name: (bench / name).read_bytes() for name in REPORT_FILES} == reports
+    assert {p.name: p.read_bytes() for p in bench.glob("report*")} == reports
+
+
+def _check_slide_statistics(cfg, bench: Path, df) -> None:
+    """report.csv against the runs' own fold_<k>_predictions.csv (not the pkl the report
+    reads): fold-averaged slide probabilities, sklearn's AUC, DeLong and the bootstrap; the
+    MIL inputs were z-scored per fold, as the column says."""
+    from sklearn.metrics import roc_auc_score
+
+    from clam_mcmkd.benchmark import stats
+
+    def averaged(arm, model):
+        run_dir = bench / "results" / arm / f"{model}_s1"
+        preds = pd.concat(
+            pd.read_csv(run_dir / f"fold_{k}_predictions.csv") for k in range(cfg.splits.k)
+        )
+        assert len(list(run_dir.glob("s_*_feature_norm.npz"))) == cfg.splits.k
+        return preds.groupby("slide_id").agg(y=("Y", "first"), p=("p_1", "mean"))
+
+    rows = df.set_index("arm")
+    n_test = 2 * resolve(DemoConfig(smallest=True)).test_per_class
+    assert (df["feature_norm"] == "zscore").all() and (df["n_test_slides"] == n_test).all()
+    for model in cfg.mil.models:
+        base = averaged(cfg.baseline, model)
+        for arm in cfg.arm_names:
+            a = averaged(arm, model)
+            assert rows.loc[arm, "test_auc"] == pytest.approx(
+                roc_auc_score(a["y"], a["p"]), abs=1e-4
+            )
+            if arm == cfg.baseline:
+                continue
+            delong = stats.delong_test(a["y"], a["p"], base.loc[a.index, "p"])
+            assert rows.loc[arm, "delta_auc"] == pytest.approx(delong.delta, abs=1e-4)
+            assert rows.loc[arm, "p_delong"] == pytest.approx(delong.p, abs=1e-4)
+            boot = stats.paired_bootstrap_delta_auc(a["y"], a["p"], base.loc[a.index, "p"])
+            ci = (rows.loc[arm, "ci_low"], rows.loc[arm, "ci_high"])
+            assert ci == pytest.approx((boot.ci_low, boot.ci_high), abs=1e-4) and ci[0] <= ci[1]

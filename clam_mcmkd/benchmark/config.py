@@ -6,6 +6,12 @@ fields (the rest keep the defaults below, most of them taken from the stage conf
 options override both. Each stage section also takes ``options:``, a mapping passed unchanged to
 that stage's own config dataclass, so every setting of a stage is reachable without this module
 naming it.
+
+``arms:`` lists the encoders compared (one report row each), every one against ``baseline``:
+``untuned`` (the student as fine-tuning starts from it), ``finetune`` (the student after
+``finetune`` with this arm's objective / targets / teacher), ``teacher`` (the teacher as is)
+and ``encoder`` (any registered encoder, e.g. another foundation model). Controls such as a
+sham fine-tune or an untrained teacher are more ``finetune`` arms (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,21 +19,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..features import ExtractConfig
-from ..mcmkd.config import FinetuneConfig
-from ..mil.config import TrainConfig
+from ..mcmkd.config import OBJECTIVES, TARGETS, FinetuneConfig
+from ..mil.config import FEATURE_NORMS, TrainConfig
 from ..splits import SplitConfig
 from ..tiling import TileConfig
 from ..utils import ClamMcmkdError, field_default
 
 NAMED_CONFIGS = ("camelyon16", "tcga_nsclc", "demo")
-BASELINE_ENCODER = field_default(ExtractConfig, "model")  # CLAM's resnet50_trunc
-MCMKD_ENCODER = "mcmkd_resnet50"
+ARM_KINDS = ("untuned", "finetune", "teacher", "encoder")
+# without `arms:` in a config: the comparison of issue 13 (DESIGN.md section 8)
+DEFAULT_ARMS = (
+    {"name": "untuned", "kind": "untuned"},
+    {"name": "mcmkd", "kind": "finetune", "objective": "mcmkd"},
+    {"name": "patch_kd", "kind": "finetune", "objective": "patch_kd"},
+    {"name": "teacher", "kind": "teacher"},
+)
 
 
 class BenchmarkConfigError(ClamMcmkdError):
@@ -46,7 +59,9 @@ class TilingSettings:
 @dataclass
 class FinetuneSettings:
     student: str = field_default(FinetuneConfig, "student")
-    teacher: str = "vit_large_patch16_224"
+    student_ckpt: str | None = None  # start (and the untuned arm) from this encoder checkpoint
+    teacher: str = "uni_v1"
+    teacher_ckpt: str | None = None  # a local checkpoint of the teacher (else $..._CKPT_PATH/hub)
     grid: int = field_default(FinetuneConfig, "grid")
     mask_ratio: float = field_default(FinetuneConfig, "mask_ratio")
     epochs: int = field_default(FinetuneConfig, "epochs")
@@ -59,8 +74,6 @@ class FinetuneSettings:
 
 @dataclass
 class ExtractionSettings:
-    # the untuned extractor MCM-KD starts from; the fine-tuned one is extracted as MCMKD_ENCODER
-    baseline: str = BASELINE_ENCODER
     batch_size: int = field_default(ExtractConfig, "batch_size")
     target_patch_size: int = field_default(ExtractConfig, "target_patch_size")
     options: dict[str, Any] = field(default_factory=dict)
@@ -88,8 +101,34 @@ class MilSettings:
     drop_out: float = field_default(TrainConfig, "drop_out")
     early_stopping: bool = True
     weighted_sample: bool = True
-    seed: int = field_default(TrainConfig, "seed")
+    # each seed trains every fold again; a test slide's probability is averaged over both
+    seeds: list[int] = field(default_factory=lambda: [field_default(TrainConfig, "seed")])
+    # MIL inputs: zscore = per fold, per dimension, with the training slides' mean/std (the
+    # benchmark's default: encoders are compared on content, not feature scale); none = CLAM's
+    feature_norm: str = "zscore"
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ArmSettings:
+    """One encoder of the comparison (a row of the report). ``name`` names its directories."""
+
+    name: str
+    kind: str = "finetune"  # untuned | finetune | teacher | encoder
+    objective: str = field_default(FinetuneConfig, "objective")  # finetune: mcmkd | patch_kd
+    targets: str = field_default(FinetuneConfig, "targets")  # finetune: teacher | sham
+    teacher: str | None = None  # finetune / teacher: default finetune.teacher
+    teacher_ckpt: str | None = None  # ... and finetune.teacher_ckpt
+    encoder: str | None = None  # encoder: a registered encoder name (or timm name)
+    ckpt: str | None = None  # encoder: its checkpoint (e.g. with encoder `checkpoint`)
+    options: dict[str, Any] = field(default_factory=dict)  # finetune: this arm's FinetuneConfig
+
+
+@dataclass
+class ReportSettings:
+    n_resamples: int = 2000  # paired, label-stratified bootstrap of ΔAUC (pROC's default)
+    confidence: float = 0.95
+    seed: int = 0  # the bootstrap's seed: a rerun writes the same report
 
 
 @dataclass
@@ -105,17 +144,43 @@ class BenchmarkConfig:
     device: str = "auto"
     clam_dir: str | None = None  # a CLAM checkout patched by `clam-mcmkd patch-clam`
     num_workers: int = 0
+    # relative checkpoint paths (finetune.student_ckpt / teacher_ckpt, arms' ckpt and
+    # teacher_ckpt) are resolved against this directory; None: the current directory
+    ckpt_dir: str | None = None
+    note: str = ""  # printed at the top of report.md (the demo says what it cannot show)
+    baseline: str = "untuned"  # the arm every other arm is compared against
+    comparisons: list[list[str]] | None = None  # more [a, b] pairs; None: [mcmkd, patch_kd]
+    arms: list[ArmSettings] = field(
+        default_factory=lambda: [ArmSettings(**a) for a in DEFAULT_ARMS]
+    )
     tiling: TilingSettings = field(default_factory=TilingSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
     splits: SplitSettings = field(default_factory=SplitSettings)
     mil: MilSettings = field(default_factory=MilSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
     @property
-    def encoders(self) -> list[str]:
-        """Encoders compared, baseline first: untuned, teacher, MCM-KD fine-tuned."""
-        names = [self.extraction.baseline, self.finetune.teacher, MCMKD_ENCODER]
-        return list(dict.fromkeys(names))
+    def arm_names(self) -> list[str]:
+        """The arms' names, in report order."""
+        return [a.name for a in self.arms]
+
+    def arm(self, name: str) -> ArmSettings:
+        return next(a for a in self.arms if a.name == name)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every arm vs the baseline, then the extra comparisons (a - b)."""
+        pairs = [(a, self.baseline) for a in self.arm_names if a != self.baseline]
+        extra = self.comparisons
+        if extra is None:
+            extra = [["mcmkd", "patch_kd"]] if {"mcmkd", "patch_kd"} <= set(self.arm_names) else []
+        return pairs + [(a, b) for a, b in extra if (a, b) not in pairs]
+
+    def resolve_path(self, path: str | None) -> str | None:
+        if path is None or Path(path).is_absolute() or not self.ckpt_dir:
+            return path
+        return str(Path(self.ckpt_dir) / path)
 
 
 _SECTIONS = {
@@ -124,6 +189,7 @@ _SECTIONS = {
     "extraction": ExtractionSettings,
     "splits": SplitSettings,
     "mil": MilSettings,
+    "report": ReportSettings,
 }
 
 
@@ -138,22 +204,68 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> BenchmarkC
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in _SECTIONS:
-            cls = _SECTIONS[key]
-            value = value or {}
-            if not isinstance(value, dict):
-                raise BenchmarkConfigError(f"{source}: '{key}' must be a mapping")
-            known = {f.name for f in dataclasses.fields(cls)}
-            bad = sorted(set(value) - known)
-            if bad:
-                raise BenchmarkConfigError(
-                    f"{source}: unknown key(s) {bad} in '{key}' (known: {sorted(known)})"
-                )
-            kwargs[key] = cls(
-                **{k: _coerce(cls, k, v, f"{source}: {key}.{k}") for k, v in value.items()}
-            )
+            kwargs[key] = _section(_SECTIONS[key], value, source, f"'{key}'")
+        elif key == "arms":
+            if not isinstance(value, list) or not value:
+                raise BenchmarkConfigError(f"{source}: 'arms' must be a non-empty list")
+            kwargs[key] = [
+                _section(ArmSettings, a, source, f"arm {i}") for i, a in enumerate(value)
+            ]
         else:
             kwargs[key] = value
-    return BenchmarkConfig(**kwargs)
+    cfg = BenchmarkConfig(**kwargs)
+    check_config(cfg, source)
+    return cfg
+
+
+def _section(cls, value: Any, source: str, where: str):
+    """One section (or arm) mapping -> its dataclass; unknown keys name `source` and `where`."""
+    if isinstance(value, cls):
+        return value
+    value = value or {}
+    if not isinstance(value, dict):
+        raise BenchmarkConfigError(f"{source}: {where} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(value) - known)
+    if bad:
+        raise BenchmarkConfigError(
+            f"{source}: unknown key(s) {bad} in {where} (known: {sorted(known)})"
+        )
+    if cls is ArmSettings and "name" not in value:
+        raise BenchmarkConfigError(f"{source}: {where} has no 'name'")
+    return cls(**{k: _coerce(cls, k, v, f"{source}: {where}.{k}") for k, v in value.items()})
+
+
+def check_config(cfg: BenchmarkConfig, source: str = "config") -> None:
+    """The arms, the baseline and the comparisons fit together; one line naming the key."""
+    names = cfg.arm_names
+    for arm in cfg.arms:
+        where = f"{source}: arm '{arm.name}'"
+        if not arm.name or re.sub(r"[A-Za-z0-9._-]", "", arm.name):
+            raise BenchmarkConfigError(f"{where}: a name is letters, digits, '.', '_', '-'")
+        if arm.kind not in ARM_KINDS:
+            raise BenchmarkConfigError(f"{where}: kind must be one of {ARM_KINDS}")
+        if arm.kind == "finetune" and arm.objective not in OBJECTIVES:
+            raise BenchmarkConfigError(f"{where}: objective must be one of {OBJECTIVES}")
+        if arm.kind == "finetune" and arm.targets not in TARGETS:
+            raise BenchmarkConfigError(f"{where}: targets must be one of {TARGETS}")
+        if arm.kind == "encoder" and not arm.encoder:
+            raise BenchmarkConfigError(f"{where}: kind 'encoder' needs 'encoder' (a name)")
+    if len(set(names)) != len(names):
+        raise BenchmarkConfigError(f"{source}: arm names must be unique, got {names}")
+    if cfg.baseline not in names:
+        raise BenchmarkConfigError(f"{source}: baseline '{cfg.baseline}' is not an arm {names}")
+    for pair in cfg.comparisons or []:
+        if len(pair) != 2 or not set(pair) <= set(names) or pair[0] == pair[1]:
+            raise BenchmarkConfigError(
+                f"{source}: comparisons takes pairs of two different arms of {names}, got {pair}"
+            )
+    if cfg.mil.feature_norm not in FEATURE_NORMS:
+        raise BenchmarkConfigError(f"{source}: mil.feature_norm must be one of {FEATURE_NORMS}")
+    if not cfg.mil.seeds or len(set(cfg.mil.seeds)) != len(cfg.mil.seeds):
+        raise BenchmarkConfigError(
+            f"{source}: mil.seeds must be distinct seeds, got {cfg.mil.seeds}"
+        )
 
 
 def _coerce(cls, name: str, value: Any, where: str) -> Any:
@@ -192,11 +304,15 @@ def load_config(name_or_path: str | os.PathLike) -> BenchmarkConfig:
 
 
 def with_overrides(cfg: BenchmarkConfig, **overrides: Any) -> BenchmarkConfig:
-    """Apply CLI overrides; ``None`` means "not given". Dotted keys reach into sections."""
+    """Apply CLI overrides; ``None`` means "not given". Dotted keys reach into sections.
+    ``arms`` takes arm mappings (or ArmSettings); ``only_arms`` keeps the arms named."""
     cfg = copy.deepcopy(cfg)
+    only = overrides.pop("only_arms", None)
     for key, value in overrides.items():
         if value is None:
             continue
+        if key == "arms":
+            value = [_section(ArmSettings, a, "arms", f"arm {i}") for i, a in enumerate(value)]
         target: Any = cfg
         *path, leaf = key.split(".")
         for part in path:
@@ -204,4 +320,12 @@ def with_overrides(cfg: BenchmarkConfig, **overrides: Any) -> BenchmarkConfig:
         if not hasattr(target, leaf):
             raise BenchmarkConfigError(f"unknown config key '{key}'")
         setattr(target, leaf, value)
+    if only is not None:
+        missing = sorted(set(only) - set(cfg.arm_names))
+        if missing:
+            raise BenchmarkConfigError(f"unknown arm(s) {missing} (arms: {cfg.arm_names})")
+        cfg.arms = [a for a in cfg.arms if a.name in set(only)]
+    if cfg.comparisons is not None and (only is not None or overrides.get("arms")):
+        cfg.comparisons = [p for p in cfg.comparisons if set(p) <= set(cfg.arm_names)]
+    check_config(cfg, "config")
     return cfg

@@ -1,8 +1,9 @@
-"""The whole comparison: untuned extractor vs teacher vs MCM-KD fine-tuned, on the same folds.
+"""The whole comparison: the config's arms (untuned, MCM-KD, controls, teacher) on the same folds.
 
-tile -> splits -> fine-tune -> extract (one feature set per encoder) -> train (each MIL model on
-each feature set, same splits) -> report. Every stage is one call into its own module; this file
-only orders them, passes paths along and keeps the books:
+tile -> splits -> fine-tune (one per fine-tuned arm) -> extract (one feature set per arm) ->
+train (each MIL model on each feature set, same splits, every MIL seed) -> report. Every stage
+is one call into its own module; this file only orders them, passes paths along and keeps the
+books (stages.py):
 
 - ``<out>/stages/<stage>.json`` is written (atomically) when a stage has finished, with its
   settings, wall time and a few figures. A finished stage is never run again, so rerunning on a
@@ -14,120 +15,22 @@ only orders them, passes paths along and keeps the books:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..clam import formats
 from ..clam.runner import CLAM_EXTRACT_MODELS, CLAM_SCRIPTS, clam_extract, clam_task_for, clam_train
 from ..mil.models import get_mil_model, list_mil_models
-from ..utils import ClamMcmkdError, atomic_write_text, resolve_device, to_jsonable
-from .config import MCMKD_ENCODER, BenchmarkConfig
+from ..utils import resolve_device
+from .arms import CHECKPOINT_ENCODERS, arm_encoder, arm_label, finetune_arms, missing_checkpoints
+from .arms import teacher_of as arm_teacher
+from .config import ArmSettings, BenchmarkConfig
+from .stages import BenchmarkError, Layout, Stages, save_if_changed, stage_seconds
 
 log = logging.getLogger(__name__)
-
-
-class BenchmarkError(ClamMcmkdError):
-    """The benchmark cannot go on; the message says which stage and what to do."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each stage writes inside ``--out`` (CLAM's own layouts below each folder)."""
-
-    out: Path
-
-    @property
-    def stages(self) -> Path:
-        return self.out / "stages"
-
-    @property
-    def dataset_csv(self) -> Path:  # the labels CSV restricted to slides that have patches
-        return self.out / "dataset.csv"
-
-    @property
-    def fixed_test_csv(self) -> Path:
-        return self.out / "fixed_test.csv"
-
-    @property
-    def finetune_csv(self) -> Path:
-        return self.out / "finetune_slides.csv"
-
-    @property
-    def splits(self) -> Path:
-        return self.out / "splits"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out / "finetune" / f"{MCMKD_ENCODER}.pt"
-
-    def features(self, encoder: str) -> Path:
-        return self.out / "features" / safe_name(encoder)
-
-    def results(self, encoder: str) -> Path:
-        return self.out / "results" / safe_name(encoder)
-
-    def run_dir(self, encoder: str, model: str, seed: int) -> Path:
-        return self.results(encoder) / f"{model}_s{seed}"  # CLAM's <exp_code>_s<seed>
-
-
-def safe_name(name: str) -> str:
-    """A directory name for an encoder name such as ``hf-hub:org/model``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-# ----------------------------------------------------------------------------- stage book-keeping
-
-
-class Stages:
-    """Runs each stage once per ``--out`` and remembers its settings and wall time."""
-
-    def __init__(self, layout: Layout):
-        self.layout = layout
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-
-    def marker(self, name: str) -> Path:
-        return self.layout.stages / f"{safe_name(name)}.json"
-
-    def done(self, name: str) -> dict | None:
-        path = self.marker(name)
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    def run(self, name: str, settings: dict, fn: Callable[[], dict | None]) -> dict:
-        settings = json.loads(json.dumps(to_jsonable(settings)))
-        record = self.done(name)
-        if record is not None:
-            if record.get("settings") != settings:
-                changed = sorted(
-                    k
-                    for k in set(settings) | set(record.get("settings", {}))
-                    if settings.get(k) != record.get("settings", {}).get(k)
-                )
-                raise BenchmarkError(
-                    f"{self.marker(name)}: stage '{name}' finished with other settings "
-                    f"(changed: {changed}); use a new --out, or delete that marker and the "
-                    "stage's outputs to redo it"
-                )
-            log.info("stage %s: done before, skipped", name)
-            self.skipped.append(name)
-            return record
-        log.info("stage %s: running", name)
-        started = time.time()
-        info = fn() or {}
-        record = {
-            "stage": name,
-            "settings": settings,
-            "seconds": round(time.time() - started, 3),
-            "info": to_jsonable(info),
-        }
-        atomic_write_text(self.marker(name), json.dumps(record, indent=2, sort_keys=True) + "\n")
-        self.ran.append(name)
-        return record
 
 
 # ----------------------------------------------------------------------------- stages
@@ -137,6 +40,7 @@ def _check_inputs(cfg: BenchmarkConfig) -> None:
     for key in ("slides", "labels", "out"):
         if not getattr(cfg, key):
             raise BenchmarkError(f"the benchmark needs --{key}")
+    resolve_device(cfg.device)  # a device this machine lacks: one line, before any stage runs
     if not Path(cfg.slides).is_dir():
         raise BenchmarkError(f"{cfg.slides}: --slides is not a directory")
     if not Path(cfg.labels).is_file():
@@ -152,7 +56,15 @@ def _check_inputs(cfg: BenchmarkConfig) -> None:
         no_clam = [m for m in cfg.mil.models if get_mil_model(m).clam_args is None]
         if no_clam:
             raise BenchmarkError(f"CLAM's main.py cannot train {no_clam}; run without --clam-dir")
-    resolve_device(cfg.device)  # a device this machine lacks: one line, before any stage runs
+        if cfg.mil.feature_norm != "none":
+            raise BenchmarkError(
+                f"--clam-dir: CLAM's main.py feeds raw features, but mil.feature_norm is "
+                f"'{cfg.mil.feature_norm}'; set it to none (--feature-norm none) or run without "
+                "--clam-dir"
+            )
+    missing = missing_checkpoints(cfg)
+    if missing:
+        raise BenchmarkError(f"{missing[0]}: checkpoint named by the config does not exist")
 
 
 def _slide_ext(cfg: BenchmarkConfig) -> str:
@@ -250,19 +162,26 @@ def stage_splits(cfg: BenchmarkConfig, layout: Layout) -> dict:
     return {"config": split_cfg}
 
 
-def stage_finetune(cfg: BenchmarkConfig, layout: Layout, slide_ext: str) -> dict:
+def stage_finetune(cfg: BenchmarkConfig, layout: Layout, arm: ArmSettings, slide_ext: str) -> dict:
+    """One fine-tuned arm: the student from its start, this arm's objective/targets/teacher."""
     from ..mcmkd import FinetuneConfig, finetune, output_paths
 
     f = cfg.finetune
-    resume = output_paths(layout.checkpoint)["state"].is_file()  # a killed run goes on
+    out = layout.checkpoint(arm.name)
+    teacher = arm_teacher(cfg, arm)
     ft_cfg = FinetuneConfig(
         data_h5_dir=str(layout.out),
         data_slide_dir=cfg.slides,
         csv_path=str(layout.finetune_csv),
-        out=str(layout.checkpoint),
+        out=str(out),
         slide_ext=slide_ext,
         student=f.student,
-        teacher=f.teacher,
+        student_ckpt=cfg.resolve_path(f.student_ckpt),
+        teacher=teacher.model,
+        teacher_ckpt=teacher.ckpt,
+        teacher_cache=str(layout.teacher_cache(_teacher_key(cfg, arm))),
+        objective=arm.objective,
+        targets=arm.targets,
         grid=f.grid,
         mask_ratio=f.mask_ratio,
         epochs=f.epochs,
@@ -272,34 +191,37 @@ def stage_finetune(cfg: BenchmarkConfig, layout: Layout, slide_ext: str) -> dict
         pretrained=cfg.pretrained,
         device=cfg.device,
         num_workers=cfg.num_workers,
-        resume=resume,
+        resume=output_paths(out)["state"].is_file(),  # a killed run goes on
         **({"lr": f.lr} if f.lr is not None else {}),
-        **f.options,
+        **{**f.options, **arm.options},
     )
     path = finetune(ft_cfg)
-    return {"config": ft_cfg, "checkpoint": str(path)}
+    return {"config": ft_cfg, "checkpoint": str(path), "encoder": arm_label(cfg, arm)}
 
 
-def _encoder_ckpt(encoder: str, layout: Layout) -> str | None:
-    return str(layout.checkpoint) if encoder == MCMKD_ENCODER else None
+def _teacher_key(cfg: BenchmarkConfig, arm: ArmSettings) -> str:
+    """One teacher-feature cache per teacher (name and checkpoint file)."""
+    teacher = arm_teacher(cfg, arm)
+    return teacher.model + (f"_{Path(teacher.ckpt).stem}" if teacher.ckpt else "")
 
 
-def stage_extract(cfg: BenchmarkConfig, layout: Layout, encoder: str, slide_ext: str) -> dict:
-    """One feature set; through CLAM's extract_features_fp.py with --clam-dir where it can."""
+def stage_extract(cfg: BenchmarkConfig, layout: Layout, arm: ArmSettings, slide_ext: str) -> dict:
+    """One arm's feature set; through CLAM's extract_features_fp.py with --clam-dir where it can."""
     from ..features import ExtractConfig, extract_features
 
     e = cfg.extraction
-    feat_dir = layout.features(encoder)
+    feat_dir = layout.features(arm.name)
+    spec = arm_encoder(cfg, arm, layout.checkpoint(arm.name))
     ex_cfg = ExtractConfig(
         data_h5_dir=str(layout.out),
         data_slide_dir=cfg.slides,
         csv_path=str(layout.dataset_csv),
         feat_dir=str(feat_dir),
-        model=encoder,
+        model=spec.model,
         slide_ext=slide_ext,
         batch_size=e.batch_size,
         target_patch_size=e.target_patch_size,  # timm teachers keep their own input size
-        ckpt=_encoder_ckpt(encoder, layout),
+        ckpt=spec.ckpt,
         num_workers=cfg.num_workers,
         device=cfg.device,
         pretrained=cfg.pretrained,
@@ -307,8 +229,13 @@ def stage_extract(cfg: BenchmarkConfig, layout: Layout, encoder: str, slide_ext:
     )
     slide_ids = formats.read_dataset_csv(layout.dataset_csv)["slide_id"].tolist()
     started = time.time()
-    if cfg.clam_dir and encoder in CLAM_EXTRACT_MODELS:
-        clam_extract(cfg.clam_dir, ex_cfg, cfg.device)
+    clam_model = "mcmkd_resnet50" if spec.model in CHECKPOINT_ENCODERS else spec.model
+    if (
+        cfg.clam_dir
+        and clam_model in CLAM_EXTRACT_MODELS
+        and (clam_model != spec.model or not spec.ckpt)
+    ):
+        clam_extract(cfg.clam_dir, dataclasses.replace(ex_cfg, model=clam_model), cfg.device)
         runner = "clam"
         missing = [s for s in slide_ids if not formats.features_done(feat_dir, s)]
         failed = {s: "CLAM wrote no features" for s in missing}
@@ -323,11 +250,12 @@ def stage_extract(cfg: BenchmarkConfig, layout: Layout, encoder: str, slide_ext:
         rate = summary.extra.get("patches_per_s", 0.0)
     if failed:
         raise BenchmarkError(
-            f"{feat_dir}: feature extraction with {encoder} failed for {len(failed)} slide(s), "
-            f"e.g. {dict(list(failed.items())[:3])}; fix or remove them from --labels and rerun"
+            f"{feat_dir}: feature extraction for arm {arm.name} ({spec.model}) failed for "
+            f"{len(failed)} slide(s), e.g. {dict(list(failed.items())[:3])}; fix or remove them "
+            "from --labels and rerun"
         )
     return {"config": ex_cfg, "runner": runner, "patches": patches, "patches_per_s": rate,
-            **_compute_figures(ex_cfg)}  # fmt: skip
+            "encoder": arm_label(cfg, arm), **_compute_figures(ex_cfg)}  # fmt: skip
 
 
 def _compute_figures(ex_cfg) -> dict:
@@ -346,15 +274,15 @@ def _compute_figures(ex_cfg) -> dict:
     }
 
 
-def _train_config(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str):
+def _train_config(cfg: BenchmarkConfig, layout: Layout, arm: str, model: str, seed: int):
     from ..mil import TrainConfig
 
     m = cfg.mil
     return TrainConfig(
-        data_root_dir=str(layout.features(encoder)),
+        data_root_dir=str(layout.features(arm)),
         csv_path=str(layout.dataset_csv),
         split_dir=str(layout.splits),
-        results_dir=str(layout.results(encoder)),
+        results_dir=str(layout.results(arm)),
         exp_code=model,
         model_type=model,
         k=cfg.splits.k,
@@ -365,39 +293,33 @@ def _train_config(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str
         lr=m.lr,
         reg=m.reg,
         drop_out=m.drop_out,
-        seed=m.seed,
+        seed=seed,
+        feature_norm=m.feature_norm,
         device=cfg.device,
         **m.options,
     )
 
 
-def stage_train(cfg: BenchmarkConfig, layout: Layout, encoder: str, model: str) -> dict:
-    """Train one MIL model on one feature set: CLAM's main.py with --clam-dir, else ours."""
+def stage_train(cfg: BenchmarkConfig, layout: Layout, arm: str, model: str) -> dict:
+    """One MIL model on one arm's features, every MIL seed: CLAM's main.py with --clam-dir,
+    else ours."""
     from ..mil import train
 
-    tr_cfg = _train_config(cfg, layout, encoder, model)
-    if cfg.clam_dir:
-        task = clam_task_for(cfg.labels, cfg.name)
-        clam_train(cfg.clam_dir, tr_cfg, task, get_mil_model(model).clam_args, cfg.device)
-        summary = tr_cfg.run_dir / formats.SUMMARY_NAME
-        if not summary.is_file():
-            raise BenchmarkError(f"{summary}: CLAM's main.py wrote no summary")
-        runner = "clam"
-    else:
-        summary = train(tr_cfg)
-        runner = "clam-mcmkd"
-    return {"config": tr_cfg, "runner": runner, "summary": str(summary)}
-
-
-def _save_if_changed(cfg: BenchmarkConfig, path: Path) -> None:
-    """Keep a finished run's files untouched when it is rerun with the same config."""
-    text = json.dumps(to_jsonable(cfg), indent=2, sort_keys=True) + "\n"
-    if not path.is_file() or path.read_text() != text:
-        atomic_write_text(path, text)
-
-
-def stage_seconds(stages: Stages, names: list[str]) -> dict[str, float]:
-    return {n: float(stages.done(n)["seconds"]) for n in names if stages.done(n)}
+    configs, summaries = [], []
+    for seed in cfg.mil.seeds:
+        tr_cfg = _train_config(cfg, layout, arm, model, seed)
+        if cfg.clam_dir:
+            task = clam_task_for(cfg.labels, cfg.name)
+            clam_train(cfg.clam_dir, tr_cfg, task, get_mil_model(model).clam_args, cfg.device)
+            summary = tr_cfg.run_dir / formats.SUMMARY_NAME
+            if not summary.is_file():
+                raise BenchmarkError(f"{summary}: CLAM's main.py wrote no summary")
+        else:
+            summary = train(tr_cfg)
+        configs.append(tr_cfg)
+        summaries.append(str(summary))
+    return {"config": configs, "runner": "clam" if cfg.clam_dir else "clam-mcmkd",
+            "summary": summaries}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the run
@@ -405,12 +327,10 @@ def stage_seconds(stages: Stages, names: list[str]) -> dict[str, float]:
 
 def run_benchmark(cfg: BenchmarkConfig) -> Path:
     """Run (or finish) the benchmark in ``cfg.out``; returns the path of ``report.md``."""
-    from .report import ResultRun, write_report
-
     _check_inputs(cfg)
     layout = Layout(Path(cfg.out))
     layout.out.mkdir(parents=True, exist_ok=True)
-    _save_if_changed(cfg, layout.out / "benchmark_config.json")
+    save_if_changed(cfg, layout.out / "benchmark_config.json")
     stages = Stages(layout)
     slide_ext = _slide_ext(cfg)
     t, s = cfg.tiling, cfg.splits
@@ -421,48 +341,72 @@ def run_benchmark(cfg: BenchmarkConfig) -> Path:
                lambda: stage_dataset(cfg, layout))  # fmt: skip
     stages.run("splits", {"splits": s, "label_dict": cfg.label_dict},
                lambda: stage_splits(cfg, layout))  # fmt: skip
-    stages.run("finetune", {"finetune": cfg.finetune, "pretrained": cfg.pretrained},
-               lambda: stage_finetune(cfg, layout, slide_ext))  # fmt: skip
-
+    for arm in finetune_arms(cfg):
+        stages.run(f"finetune-{arm.name}",
+                   {"finetune": cfg.finetune, "arm": arm, "pretrained": cfg.pretrained,
+                    "ckpt_dir": cfg.ckpt_dir},
+                   lambda arm=arm: stage_finetune(cfg, layout, arm, slide_ext))  # fmt: skip
     compute = {}
-    for encoder in cfg.encoders:
+    for arm in cfg.arms:
         rec = stages.run(
-            f"extract-{encoder}",
-            {"options": cfg.extraction.options, "pretrained": cfg.pretrained,
-             "target_patch_size": cfg.extraction.target_patch_size},
-            lambda encoder=encoder: stage_extract(cfg, layout, encoder, slide_ext),
+            f"extract-{arm.name}",
+            {"options": cfg.extraction.options, "pretrained": cfg.pretrained, "arm": arm,
+             "target_patch_size": cfg.extraction.target_patch_size, "ckpt_dir": cfg.ckpt_dir},
+            lambda arm=arm: stage_extract(cfg, layout, arm, slide_ext),
         )  # fmt: skip
-        compute[encoder] = rec["info"]
-
-    runs = []
+        compute[arm.name] = rec["info"]
     train_settings = {"mil": {k: v for k, v in vars(cfg.mil).items() if k != "models"},
                       "k": s.k}  # fmt: skip
     for model in cfg.mil.models:
-        for encoder in cfg.encoders:
-            stages.run(
-                f"train-{encoder}-{model}",
-                train_settings,
-                lambda encoder=encoder, model=model: stage_train(cfg, layout, encoder, model),
-            )
-            runs.append(ResultRun(encoder, model, layout.run_dir(encoder, model, cfg.mil.seed)))
+        for arm in cfg.arm_names:
+            stages.run(f"train-{arm}-{model}", train_settings,
+                       lambda arm=arm, model=model: stage_train(cfg, layout, arm, model))  # fmt: skip
+    report = _write_report(cfg, layout, stages, compute)
+    log.info("benchmark: ran %s; finished before: %s", stages.ran, stages.skipped)
+    return report
 
-    order = ["tile", "dataset", "splits", "finetune"]
-    order += [f"extract-{e}" for e in cfg.encoders]
-    order += [f"train-{e}-{m}" for m in cfg.mil.models for e in cfg.encoders]
+
+def _write_report(cfg: BenchmarkConfig, layout: Layout, stages: Stages, compute: dict) -> Path:
+    """The report from the finished stages' records and the runs' own files."""
+    from .report import ResultRun, write_report
+
+    labels = {a.name: compute[a.name].get("encoder") or arm_label(cfg, a) for a in cfg.arms}
+    runs = [
+        ResultRun(labels[arm], model, layout.run_dir(arm, model, seed), arm=arm, mil_seed=seed)
+        for model in cfg.mil.models
+        for arm in cfg.arm_names
+        for seed in cfg.mil.seeds
+    ]
+    order = ["tile", "dataset", "splits"] + [f"finetune-{a.name}" for a in finetune_arms(cfg)]
+    order += [f"extract-{a}" for a in cfg.arm_names]
+    order += [f"train-{a}-{m}" for m in cfg.mil.models for a in cfg.arm_names]
     configs = {"benchmark": cfg}
     for name in order:
         rec = stages.done(name)
         if rec and "config" in rec["info"]:
             configs[name] = rec["info"]["config"]
-    report = write_report(
+    return write_report(
         layout.out,
         runs,
-        cfg.extraction.baseline,
+        cfg.baseline,
         compute=compute,
         stage_seconds=stage_seconds(stages, order),
         configs=configs,
         title=f"clam-mcmkd benchmark: {cfg.name}",
-        encoder_order=cfg.encoders,
+        pairs=cfg.pairs,
+        pretext=_pretext(cfg, layout),
+        report=cfg.report,
+        note=cfg.note,
     )
-    log.info("benchmark: ran %s; finished before: %s", stages.ran, stages.skipped)
-    return report
+
+
+def _pretext(cfg: BenchmarkConfig, layout: Layout) -> dict[str, dict]:
+    """Each fine-tuned arm's validation numbers (masked-patch R² before/after vs the mean)."""
+    from ..mcmkd.config import output_paths
+
+    out = {}
+    for arm in finetune_arms(cfg):
+        path = output_paths(layout.checkpoint(arm.name))["final_metrics"]
+        if path.is_file():
+            out[arm.name] = json.loads(path.read_text())
+    return out

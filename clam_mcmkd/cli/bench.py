@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..benchmark.demo import DemoConfig
+from ..mil.config import FEATURE_NORMS
 from ..mil.models import list_mil_models
 from .options import config_option, option
 
@@ -15,7 +16,9 @@ def _print_report(report) -> None:
     from ..benchmark.report import read_report_table
 
     cfg = json.loads((report.parent / "benchmark_config.json").read_text())
-    click.echo(read_report_table(report.parent, cfg["extraction"]["baseline"]))
+    click.echo(read_report_table(report.parent, cfg["baseline"]))
+    if cfg.get("note"):
+        click.echo("\n" + cfg["note"].strip())
     click.echo(f"\nreport: {report}")
 
 
@@ -26,7 +29,14 @@ def _print_report(report) -> None:
 @option("--labels", default=None,
         help="Dataset CSV: case_id, slide_id, label (camelyon16 also: split = train|test).")  # fmt: skip
 @option("--out", default=None, help="Output directory; a rerun resumes from what is in it.")
-@option("--teacher", default=None, help="Teacher encoder (timm name); default: the config's.")
+@option("--teacher", default=None,
+        help="Teacher of the fine-tuned and teacher arms (a registered or timm name, e.g. "
+        "uni_v1, uni2_h); default: the config's.")  # fmt: skip
+@option("--arms", "only_arms", default=None,
+        help="Run only these arms of the config, comma-separated (the baseline among them).")  # fmt: skip
+@option("--feature-norm", default=None, type=click.Choice(FEATURE_NORMS),
+        help="MIL inputs: zscore (per fold, training slides' mean/std; the benchmark's default) "
+        "or none (raw, CLAM's).")  # fmt: skip
 @option("--models", default=None,
         help=f"MIL models, comma-separated: {','.join(list_mil_models())}.")  # fmt: skip
 @option("--k", default=None, type=int, help="Number of folds; default: the config's.")
@@ -36,22 +46,33 @@ def _print_report(report) -> None:
 @option("--no-pretrained", is_flag=True, help="Random (seeded) weights: runs offline.")
 @option("--num-workers", default=None, type=int, help="Patch-reading processes.")
 @option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... (default: the config's, auto).")
-def benchmark_cmd(config_name, models, k, teacher, no_pretrained, **kw) -> None:
-    """Baseline vs teacher vs MCM-KD fine-tuned encoder, every MIL model, the same folds.
+def benchmark_cmd(config_name, models, k, teacher, no_pretrained, only_arms, feature_norm,
+                  **kw) -> None:  # fmt: skip
+    """The config's arms (untuned, MCM-KD, patch-KD, teacher, ...), every MIL model, the same
+    folds; slide-level ΔAUC vs the baseline with bootstrap CIs and DeLong p.
 
-    tile -> splits -> finetune -> extract features (3 encoders) -> train -> report.md.
-    Each stage resumes from what is already in --out.
+    tile -> splits -> finetune (per fine-tuned arm) -> extract features (per arm) -> train ->
+    report.md. Each stage resumes from what is already in --out.
     """
     from ..benchmark import load_config, run_benchmark, with_overrides
 
     overrides = dict(kw)
     if models:
-        overrides["mil.models"] = [m.strip() for m in models.split(",") if m.strip()]
+        overrides["mil.models"] = _names(models)
+    if only_arms:
+        overrides["only_arms"] = _names(only_arms)
     overrides["splits.k"] = k
     overrides["finetune.teacher"] = teacher
+    overrides["mil.feature_norm"] = feature_norm
     overrides["pretrained"] = False if no_pretrained else None
     cfg = with_overrides(load_config(config_name), **overrides)
+    if teacher:  # the config's teacher checkpoint belongs to the config's teacher
+        cfg.finetune.teacher_ckpt = None
     _print_report(run_benchmark(cfg))
+
+
+def _names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 @click.command("demo")
@@ -61,10 +82,14 @@ def benchmark_cmd(config_name, models, k, teacher, no_pretrained, **kw) -> None:
 @option("--smallest", is_flag=True, help="The smallest meaningful run (what CI runs).")
 @option("--k", default=None, type=int, help="Folds (default: the demo config's).")
 @option("--max-epochs", default=None, type=int, help="MIL epochs (default: the demo config's).")
+@config_option(DemoConfig, "contrast", help="How visible the atypical region is (0-1).")
+@config_option(DemoConfig, "test_per_class", help="Fixed test slides per class.")
 @config_option(DemoConfig, "seed", help="Cohort seed.")
 @config_option(DemoConfig, "device", help="cpu, cuda, auto ...")
 def demo_cmd(**kw) -> None:
-    """The benchmark on a synthetic cohort with small untrained models: offline, CPU, minutes."""
+    """The benchmark on a synthetic cohort with encoders trained offline here: untuned,
+    MCM-KD, patch-KD and teacher rows with slide-level CIs (CPU, ~10 minutes; the pipeline,
+    not evidence)."""
     from ..benchmark import run_demo
 
     _print_report(run_demo(DemoConfig(**kw)))
