@@ -51,6 +51,9 @@ class DemoConfig:
     teacher_steps: int = 150  # tissue-class training steps (batch 32)
     teacher_slides: int = 12  # slides of the teacher's own cohort
     device: str = "cpu"
+    # CPU threads for torch: its default (one per core) made every stage 2-7x slower on a
+    # 2-core machine shared with other jobs (benchmarks/RESULTS.md, "Demo, issue 13")
+    threads: int = 1
     smallest: bool = False
 
 
@@ -186,15 +189,22 @@ def demo_labels(cohort_csv: Path, out_csv: Path, test_per_class: int, seed: int)
 def run_demo(cfg: DemoConfig) -> Path:
     """Train (or reuse) the offline encoders, make (or reuse) the cohort, run the benchmark;
     returns report.md. Resumes like benchmark."""
+    import torch
+
     from ..cohort import make_cohort
     from .run import run_benchmark
 
     cfg = resolve(cfg)
     resolve_device(cfg.device)  # before anything is made
     out = Path(cfg.out)
-    encoders = demo_encoders(out / "encoders", cfg)
-    csv = make_cohort(out / "cohort", n_slides=cfg.n_slides, size=cfg.size, seed=1000 + cfg.seed,
-                      kind="fields", tumor_contrast=cfg.contrast, tumor_frac=0.15,
-                      two_slide_case_frac=0.0)  # fmt: skip
-    demo_labels(csv, out / "cohort" / "labels.csv", cfg.test_per_class, cfg.seed)
-    return run_benchmark(benchmark_config(cfg, encoders))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        encoders = demo_encoders(out / "encoders", cfg)
+        csv = make_cohort(out / "cohort", n_slides=cfg.n_slides, size=cfg.size,
+                          seed=1000 + cfg.seed, kind="fields", tumor_contrast=cfg.contrast,
+                          tumor_frac=0.15, two_slide_case_frac=0.0)  # fmt: skip
+        demo_labels(csv, out / "cohort" / "labels.csv", cfg.test_per_class, cfg.seed)
+        return run_benchmark(benchmark_config(cfg, encoders))
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting (tests run the demo in-process)

@@ -86,6 +86,7 @@ def _names(text: str) -> list[str]:
 @config_option(DemoConfig, "test_per_class", help="Fixed test slides per class.")
 @config_option(DemoConfig, "seed", help="Cohort seed.")
 @config_option(DemoConfig, "device", help="cpu, cuda, auto ...")
+@config_option(DemoConfig, "threads", type=click.IntRange(min=1), help="CPU threads for torch.")
 def demo_cmd(**kw) -> None:
     """The benchmark on a synthetic cohort with encoders trained offline here: untuned,
     MCM-KD, patch-KD and teacher rows with slide-level CIs (CPU, ~10 minutes; the pipeline,
