@@ -111,6 +111,8 @@ def test_smallest_demo_keeps_explicit_options():
     assert cfg.n_slides == 16 and cfg.k == 2
     bench = benchmark_config(cfg)
     assert bench.splits.k == 2 and bench.pretrained is False and bench.device == "cpu"
+    result = CliRunner().invoke(main, ["demo", "--threads", "0"])
+    assert result.exit_code == 2 and "--threads" in result.output  # before any work
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path):
@@ -237,7 +239,11 @@ def test_demo_killed_mid_stage_resumes_and_reruns_identically(tmp_path):
 
     # 2. rerun: finishes without redoing finished stages, finished slides or the encoders
     ckpt_mtime = ckpt.stat().st_mtime_ns
-    report = run_demo(DemoConfig(out=str(out), smallest=True))
+    import torch
+
+    threads = torch.get_num_threads()
+    report = run_demo(DemoConfig(out=str(out), smallest=True, threads=1))
+    assert torch.get_num_threads() == threads  # the demo's thread count does not leak
     for name, (data, mtime) in before.items():
         assert (stages / name).read_bytes() == data and (stages / name).stat().st_mtime_ns == mtime
     assert ckpt.stat().st_mtime_ns == ckpt_mtime
