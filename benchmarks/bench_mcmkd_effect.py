@@ -1,26 +1,33 @@
 """Does MCM-KD make better features for MIL? An experiment that can fail (issue 13).
 
-Phase 1 (this file now): the instruments and the calibration - offline baseline and teacher,
-the "fields" cohort (context can matter), features, per-fold z-scoring, ABMIL, slide-level
-statistics. Phase 2 adds the fine-tune arms (mcmkd, patch_kd, random_teacher, sham) to ARMS
-and runs the full design; every stage below resumes from its files.
+Protocol, pre-registered endpoints and every choice made before the arms ran:
+``benchmarks/mcmkd_effect_protocol.md``; results: ``benchmarks/RESULTS.md``. Every stage
+resumes from its files, so a run can be stopped, split over workers by cohort seed, and
+re-read (pass 3 below) without retraining anything.
 
-Design (fixed before any MCM-KD run; see notes/issue13-calibration.md):
 - shared encoders (``<workdir>/encoders``): ``baseline`` = resnet18_trunc pretrained on
-  procedural non-histology images (ImageNet's role); ``teacher`` = resnet50_trunc trained on
-  the tissue classes of a separate fields cohort with no atypia (never the label);
-  ``random_teacher`` = the same architecture untrained; ``random_init`` = resnet18_trunc at
-  its seeded init (instrument check only).
-- per cohort seed (``<workdir>/c<contrast>/seed<s>``): a fields cohort, tiled at 64 px / 20x
-  (1:1 encoder input), a fixed stratified test set (``--test-per-class`` per class), k folds of
-  train/val over the rest, features per arm, z-scored copies per fold (statistics from the
-  fold's training slides), ABMIL for each MIL seed, feature_norm none and zscore.
-- outputs per contrast: ``runs.csv`` (one row per arm, cohort seed, MIL seed, norm, fold,
-  test slide: the probability), ``mcmkd_effect.csv`` (test AUC of fold-averaged probabilities
-  per arm, cohort seed, MIL seed, norm), ``instruments.csv``, ``timings.csv``.
+  procedural non-histology images (ImageNet's role; the ``untuned`` arm and every student's
+  start); ``teacher`` = resnet50_trunc trained on the tissue classes of a separate fields
+  cohort (never a label); ``teacher_morph`` = that teacher trained further on tissue classes +
+  pixel-measured nuclear morphometrics (``--teacher-morph``; the experiment's teacher via
+  ``--teacher-encoder``); ``random_teacher`` = resnet50_trunc untrained; ``random_init`` =
+  resnet18_trunc at its seeded init (instrument check only).
+- per cohort seed (``<workdir>/c<contrast>/seed<s>``): a fields cohort tiled at 64 px / 20x
+  (1:1 encoder input), a fixed stratified test set (``--test-per-class`` per class), k folds
+  of train/val over the rest; per arm an encoder (fine-tuned arms: ``finetune_stage`` on the
+  non-test slides' windows), its features, ABMIL for each MIL seed with ``train
+  --feature-norm`` zscore and none.
+- outputs per contrast (and in ``--results``): ``mcmkd_effect_runs.csv.gz`` (one row per arm,
+  cohort seed, MIL seed, norm, fold, test slide: the probability; ``mcmkd_effect_report.py
+  --runs`` rebuilds every table from it), ``mcmkd_effect.csv``,
+  ``mcmkd_effect_summary.csv``, ``mcmkd_effect_forest.png``, ``mcmkd_effect_pretext.csv``,
+  ``mcmkd_effect_instruments.csv`` (``--instruments-arms``), ``timings.csv``.
 
-    python benchmarks/bench_mcmkd_effect.py --workdir /tmp/effect --contrast 0.5 \\
-        --cohort-seeds 0 1 2 3 4 --arms untuned
+    python benchmarks/bench_mcmkd_effect.py --workdir W --contrast 0.25 \\
+        --cohort-seeds 0 1 2 3 4 --mil-seeds 1 2 3 --norms zscore none \\
+        --teacher-encoder teacher_morph --ft-windows 240 \\
+        --arms untuned mcmkd patch_kd random_teacher sham teacher \\
+        --instruments-arms --results benchmarks/results
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from mcmkd_effect_report import write_results
 
 from clam_mcmkd.clam.formats import read_coords_h5, read_dataset_csv
 from clam_mcmkd.cohort import make_cohort
-from clam_mcmkd.utils import atomic_write_text
+from clam_mcmkd.utils import atomic_path, atomic_write_text
 
 PATCH = 64  # level-0 px at 20x = the encoders' input size (no resize: CPU budget)
 TEACHER_COHORT_SEED = 9000  # the teacher's cohort: never a cohort seed of the experiment
@@ -159,7 +166,7 @@ def morph_teacher_stage(work: Path, args, paths: dict[str, Path], timer) -> dict
     """The phase-2 teacher candidate: the phase-1 teacher trained on (longer, wider task) the
     tissue classes AND pixel-measured nuclear morphometry of a separate cohort whose slides
     carry unlabelled atypia (contrast 0.5, half of them): never the label, never the atypia
-    map. Chosen or not on development cohorts only (notes/issue13-calibration.md)."""
+    map. Chosen or not on development cohorts only (benchmarks/mcmkd_effect_protocol.md, D1)."""
     from clam_mcmkd.benchmark.proxy_pretrain import FitConfig, patch_morphometry, train_teacher
 
     root = work / "teacher_cohort_morph"
@@ -284,15 +291,19 @@ def _probe(feats: dict, targets: dict, kind: str) -> float:
     return float(balanced_accuracy_score(yte, clf.predict(xte)))
 
 
-def instruments_stage(root: Path, csv: Path, encoders: dict[str, Path], max_slides: int = 24):
+def instruments_stage(
+    root: Path, csv: Path, encoders: dict[str, Path], max_slides: int = 24,
+    out_name: str = "instruments.csv",
+):  # fmt: skip
     """Before any comparison: is each encoder collapsed, and what does it know? Feature health
     on the cohort's patches; linear probes for the patch's tissue class and, in positive
     slides, for lying in the atypical region (ground truth of the generator; diagnostics only,
-    never used for training)."""
+    never used for training). After the arms ran, the same on each arm's encoder
+    (``instruments_arms.csv``): did a fine-tune collapse the features?"""
     from clam_mcmkd.benchmark.stats import feature_health
     from clam_mcmkd.encoders import create_encoder, encode_patches
 
-    out = root / "instruments.csv"
+    out = root / out_name
     if out.is_file():
         return pd.read_csv(out)
     df = read_dataset_csv(csv)
@@ -401,6 +412,14 @@ def run_cohort_seed(work: Path, seed: int, args, encoders: dict[str, Path]) -> p
         timer(f"features:{arm}", features_stage, root, csv, arm, ckpt)
         runs = timer(f"mil:{arm}", mil_stage, root, csv, split_dir, arm, args)
         frames.append(runs.assign(cohort_seed=seed))
+    if args.instruments_arms:
+        arm_encoders = {a: arm_checkpoint(a, root, csv, encoders, args) for a in args.arms}
+        inst = timer("instruments:arms", instruments_stage, root, csv, arm_encoders,
+                     out_name="instruments_arms.csv")  # fmt: skip
+        log(
+            "instruments of the arms' encoders:\n"
+            + inst.to_string(index=False, float_format="%.3f")
+        )
     return pd.concat(frames, ignore_index=True), frames_pretext
 
 
@@ -431,6 +450,11 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=240)
     ap.add_argument("--baseline-steps", type=int, default=400)
     ap.add_argument("--instruments", action="store_true", help="feature health + probes first")
+    ap.add_argument(
+        "--instruments-arms",
+        action="store_true",
+        help="feature health + probes of every arm's encoder after its runs",
+    )
     ap.add_argument(
         "--instrument-encoders",
         nargs="+",
@@ -467,9 +491,17 @@ def main() -> None:
     done = [run_cohort_seed(work, s, args, encoders) for s in args.cohort_seeds]
     runs = pd.concat([r for r, _ in done], ignore_index=True)
     pretext = pd.DataFrame([row for _, rows in done for row in rows])
-    write_results(out_dir, runs, pretext, args.arms)
-    if args.results:
-        write_results(Path(args.results), runs, pretext, args.arms)
+    for target in [out_dir] + ([Path(args.results)] if args.results else []):
+        write_results(target, runs, pretext, args.arms)
+        with atomic_path(target / "mcmkd_effect_runs.csv.gz") as tmp:  # what the tables are made of
+            runs.to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0})
+        if args.instruments_arms:  # every cohort seed's table, one file
+            tables = [
+                pd.read_csv(out_dir / f"seed{s}" / "instruments_arms.csv").assign(cohort_seed=s)
+                for s in args.cohort_seeds
+            ]
+            text = pd.concat(tables, ignore_index=True).to_csv(index=False)
+            atomic_write_text(target / "mcmkd_effect_instruments.csv", text)
 
 
 if __name__ == "__main__":

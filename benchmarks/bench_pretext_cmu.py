@@ -8,7 +8,7 @@ patch_kd: all) before and after the fine-tune, and the R² of predicting the tra
 (a constant scores <= 0), plus the raw cosines that a constant already gets high.
 
     python benchmarks/bench_pretext_cmu.py --encoders /tmp/effect/encoders \\
-        --teacher teacher_morph --out /tmp/pretext_cmu --windows 960 --loss smooth_l1
+        --teacher teacher_morph --out /tmp/pretext_cmu --csv benchmarks/results/pretext_cmu.csv
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--loss", default="cosine")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--csv", default=None, help="also write the table here")
     args = ap.parse_args()
     import torch
 
@@ -73,6 +74,15 @@ def main() -> None:
         print(f"{r['objective']:10s} {r['val_r2_before']:10.3f} {r['val_r2_after']:10.3f} "
               f"{r['val_r2_mean_baseline']:8.3f} {r['val_cosine_after']:10.3f} "
               f"{r['val_cosine_mean_baseline']:9.3f} {r['val_masked_positions']:9d}")  # fmt: skip
+    if args.csv:
+        import pandas as pd
+
+        from clam_mcmkd.utils import atomic_write_text
+
+        table = pd.DataFrame(rows).drop(
+            columns="seconds"
+        )  # a resumed run's seconds are not its cost
+        atomic_write_text(Path(args.csv), table.to_csv(index=False, float_format="%.4f"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 - ``mcmkd_effect_summary.csv``: ΔAUC of each comparison pooled over cohort seeds, 95 %
   bootstrap CI (2000 paired, label-stratified resamples within cohort seed) and pooled DeLong
   p: every arm vs ``untuned`` and the controls vs ``mcmkd`` (primary endpoints: mcmkd vs
-  untuned and mcmkd vs patch_kd, feature_norm zscore; notes/issue13-calibration.md).
+  untuned and mcmkd vs patch_kd, feature_norm zscore; mcmkd_effect_protocol.md).
 - ``mcmkd_effect_pretext.csv``: each fine-tune's validation R² before/after vs the mean.
 - ``mcmkd_effect_forest.png``: the summary's ΔAUC with CIs, zscore and none.
 """
@@ -161,7 +161,7 @@ def write_results(out_dir: Path, runs: pd.DataFrame, pretext: pd.DataFrame, arms
 
 
 def main() -> None:
-    """Rebuild the tables and the plot from a run's ``runs.csv`` (and pretext rows)."""
+    """Rebuild the tables and the plot from a run's ``mcmkd_effect_runs.csv.gz`` (and pretext rows)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
