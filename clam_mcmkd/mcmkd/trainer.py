@@ -282,7 +282,9 @@ def train_steps(
     start = prog.step
     end = total if cfg.stop_after_steps is None else min(total, start + cfg.stop_after_steps)
     show = cfg.progress and info.is_main
-    bar = progress(total=total, initial=start, desc="MCM-KD", unit="step",
+    desc = {"mcmkd": "MCM-KD", "patch_kd": "patch-KD"}[cfg.objective]
+    desc += " (sham targets)" if cfg.targets == "sham" else ""
+    bar = progress(total=total, initial=start, desc=desc, unit="step",
                    **({} if show else {"disable": True}))  # fmt: skip
     t0 = time.perf_counter()
     # one loader for the whole run, so reading workers prefetch across optimizer steps
