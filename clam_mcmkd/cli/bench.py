@@ -89,7 +89,7 @@ def _names(text: str) -> list[str]:
 @config_option(DemoConfig, "threads", type=click.IntRange(min=1), help="CPU threads for torch.")
 def demo_cmd(**kw) -> None:
     """The benchmark on a synthetic cohort with encoders trained offline here: untuned,
-    MCM-KD, patch-KD and teacher rows with slide-level CIs (CPU, ~4 minutes on 2 cores; the
+    MCM-KD, patch-KD and teacher rows with slide-level CIs (CPU, ~6 minutes on 2 cores; the
     pipeline, not evidence)."""
     from ..benchmark import run_demo
 
