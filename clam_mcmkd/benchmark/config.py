@@ -34,7 +34,7 @@ from ..utils import ClamMcmkdError, field_default
 
 NAMED_CONFIGS = ("camelyon16", "tcga_nsclc", "demo")
 ARM_KINDS = ("untuned", "finetune", "teacher", "encoder")
-# without `arms:` in a config: the comparison of issue 13 (DESIGN.md section 8)
+# without `arms:` in a config: the comparison of issue 13
 DEFAULT_ARMS = (
     {"name": "untuned", "kind": "untuned"},
     {"name": "mcmkd", "kind": "finetune", "objective": "mcmkd"},

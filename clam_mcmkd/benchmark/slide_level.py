@@ -1,4 +1,4 @@
-"""The report's numbers at the slide level (DESIGN.md section 8), from CLAM results directories.
+"""The report's numbers at the slide level, from CLAM results directories.
 
 1. Every test slide gets ONE probability per (MIL model, arm): the mean over the folds and MIL
    seeds in which it was a test slide (with a fixed test set, every fold; with k-fold test
