@@ -54,12 +54,24 @@ def collect_folds(runs: Sequence[ResultRun]):
     return pd.concat(frames, ignore_index=True)
 
 
-def summarize(runs, folds, avg, baseline: str, compute=None, settings=None):
-    """One row per model x arm: slide-level AUC, ΔAUC vs the baseline (CI, DeLong p), the
-    fold-level mean ± std (ddof=1) and the compute figures."""
+def compare_pairs(avg, runs, pairs, settings) -> dict[tuple, slide_level.Comparison]:
+    """ΔAUC(a − b) per (model, a, b) for each pair of arms the model has, each computed once
+    (the summary's baseline column and the comparisons table read the same results)."""
+    diffs = {}
+    for model in _ordered(r.model for r in runs):
+        present = {r.key for r in runs if r.model == model}
+        for a, b in _ordered(pairs):
+            if {a, b} <= present:
+                diffs[(model, a, b)] = slide_level.compare(avg, model, a, b, settings)
+    return diffs
+
+
+def summarize(runs, folds, avg, baseline: str, diffs, compute=None):
+    """One row per model x arm: slide-level AUC, ΔAUC vs the baseline (CI, DeLong p; from
+    `diffs`, see :func:`compare_pairs`), the fold-level mean ± std (ddof=1) and the compute
+    figures."""
     import pandas as pd
 
-    settings = settings or ReportSettings()
     rows = []
     for model in _ordered(r.model for r in runs):
         for arm in _ordered(r.key for r in runs if r.model == model):
@@ -70,9 +82,7 @@ def summarize(runs, folds, avg, baseline: str, compute=None, settings=None):
                                    "n_folds": sel["fold"].nunique(),
                                    "n_mil_seeds": sel["mil_seed"].nunique(dropna=False)}  # fmt: skip
             row.update(slide_level.arm_row(avg, model, arm))
-            diff = slide_level.Comparison()
-            if arm != baseline:
-                diff = slide_level.compare(avg, model, arm, baseline, settings)
+            diff = diffs.get((model, arm, baseline), slide_level.Comparison())
             row.update(comparison="" if arm == baseline else baseline, delta_auc=diff.delta_auc,
                        ci_low=diff.ci_low, ci_high=diff.ci_high, p_delong=diff.p_delong)  # fmt: skip
             for m in METRICS:
@@ -85,18 +95,17 @@ def summarize(runs, folds, avg, baseline: str, compute=None, settings=None):
     return pd.DataFrame(rows)
 
 
-def comparisons_table(summary, avg, pairs, settings):
+def comparisons_table(summary, diffs, pairs):
     """ΔAUC(a − b) for each pair of arms (every arm vs the baseline first), per model."""
     import pandas as pd
 
     label = dict(zip(summary["arm"], summary["encoder"]))
     rows = []
     for model in _ordered(summary["model"]):
-        present = set(summary.loc[summary["model"] == model, "arm"])
         for a, b in pairs:
-            if not {a, b} <= present:
+            c = diffs.get((model, a, b))
+            if c is None:  # the model lacks one of the two arms
                 continue
-            c = slide_level.compare(avg, model, a, b, settings)
             rows.append({"model": model, "arm": a, "comparison": b, "encoder": label[a],
                          "comparison_encoder": label[b], "n_test_slides": c.n_test_slides,
                          "delta_auc": c.delta_auc, "ci_low": c.ci_low, "ci_high": c.ci_high,
@@ -252,10 +261,11 @@ def write_report(
     if baseline not in set(folds["arm"]):
         raise ClamMcmkdError(f"baseline encoder '{baseline}' has no results to compare against")
     avg = slide_level.average_over_runs(slide_level.collect_predictions(runs))
-    summary = summarize(runs, folds, avg, baseline, compute, settings)
-    arms = _ordered(summary["arm"])
-    pairs = list(pairs) if pairs is not None else [(a, baseline) for a in arms if a != baseline]
-    comparisons = comparisons_table(summary, avg, pairs, settings)
+    vs_baseline = [(a, baseline) for a in _ordered(r.key for r in runs) if a != baseline]
+    pairs = list(pairs) if pairs is not None else vs_baseline
+    diffs = compare_pairs(avg, runs, vs_baseline + pairs, settings)
+    summary = summarize(runs, folds, avg, baseline, diffs, compute)
+    comparisons = comparisons_table(summary, diffs, pairs)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, df in (("report.csv", summary), ("report_comparisons.csv", comparisons),
                      ("report_slides.csv", avg), ("report_folds.csv", folds)):  # fmt: skip
