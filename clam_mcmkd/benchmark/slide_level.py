@@ -28,7 +28,7 @@ from ..clam.formats import (
     read_pkl,
     read_summary,
 )
-from ..mil.results import run_config
+from ..mil.results import bag_auc, run_config
 from . import stats
 
 
@@ -113,18 +113,12 @@ def average_over_runs(preds):
 
 
 def slide_auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    """AUC of class 1 (two classes; :func:`stats.auc`), macro one-vs-rest otherwise; NaN
-    where a class is missing."""
+    """CLAM's AUC (:func:`~clam_mcmkd.mil.results.bag_auc`: class 1's with two classes, the
+    one-vs-rest mean otherwise); NaN where a class has no slide."""
     labels = np.asarray(labels, dtype=int)
-    if len(np.unique(labels)) < 2:
+    if len(np.unique(labels)) < max(2, probs.shape[1]):
         return math.nan
-    if probs.shape[1] == 2:
-        return stats.auc(labels, probs[:, 1])
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(labels)) < probs.shape[1]:
-        return math.nan
-    return float(roc_auc_score(labels, probs, multi_class="ovr"))
+    return bag_auc(labels, probs)
 
 
 def _arrays(avg, model: str, arm: str):
