@@ -58,7 +58,11 @@ def _opt(field: str, *names: str, **kwargs):
 @_opt("batch_size", help="Windows per optimizer step (all ranks together).")
 @_opt("grad_accum", help="Micro-batches per optimizer step.")
 @_opt("lr", help="Predictor learning rate.")
-@_opt("student_lr_mult", help="Student lr = lr x this.")
+@_opt(
+    "student_lr_mult",
+    help="Student lr = lr x this (0: a frozen student, the reference "
+    "that shows what the predictor alone learns).",
+)
 @_opt("weight_decay")
 @_opt("warmup_frac", help="Share of steps of linear warm-up.")
 @_opt("min_lr_ratio", help="Cosine decay floor (x lr).")
@@ -70,6 +74,10 @@ def _opt(field: str, *names: str, **kwargs):
 @option("--max-windows", default=None, type=int, help="Train on at most N windows (seeded choice).")
 @_opt("val_frac", help="Share of slides held out for validation.")
 @_opt("max_val_windows")
+@option("--no-student-probes", is_flag=True,
+        help="Skip the ridge probes of the student's own features on the validation windows "
+        "(R² of each patch's teacher feature and of its neighbours' mean, before and after).")  # fmt: skip
+@_opt("probe_alpha", help="Ridge penalty of the student probes (x patches, standardised).")
 @workers_option(FinetuneConfig, "Window")
 @_opt("teacher_batch_size")
 @_opt("save_every", help="Steps between resumable states.")
@@ -99,6 +107,7 @@ def finetune_cmd(**kw) -> None:
 
     kw["pretrained"] = not kw.pop("no_pretrained")
     kw["freeze_bn"] = not kw.pop("no_freeze_bn")
+    kw["student_probes"] = not kw.pop("no_student_probes")
     path = finetune(FinetuneConfig(**kw))
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -110,7 +119,11 @@ def finetune_cmd(**kw) -> None:
     if path == output_paths(kw["out"])["state"]:
         click.echo(f"stopped early; state in {path} (continue with --resume)")
         return
-    metrics = json.loads(output_paths(kw["out"])["final_metrics"].read_text())
+    _echo_metrics(path, json.loads(output_paths(kw["out"])["final_metrics"].read_text()))
+
+
+def _echo_metrics(path, metrics: dict) -> None:
+    """The numbers a user reads first: the pretext (the predictor's) and the student's own."""
     click.echo(f"wrote {path}")
     if "val_cosine_after" in metrics:
         click.echo(
@@ -118,6 +131,12 @@ def finetune_cmd(**kw) -> None:
             "{val_cosine_after:.4f}, mean-feature baseline {val_cosine_mean_baseline:.4f}".format(
                 **metrics
             )
+        )
+    if metrics.get("student_teacher_r2_after") is not None:
+        click.echo(
+            "student probes (held-out R²): teacher feature {student_teacher_r2_before:.3f} -> "
+            "{student_teacher_r2_after:.3f}, neighbours' mean {student_context_r2_before:.3f} -> "
+            "{student_context_r2_after:.3f}".format(**metrics)
         )
 
 

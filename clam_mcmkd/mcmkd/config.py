@@ -63,6 +63,10 @@ class FinetuneConfig:
     max_windows: int | None = None
     val_frac: float = 0.05
     max_val_windows: int = 256
+    # did the student itself move? ridge probes of its features on the validation windows
+    # (probes.py): R² of the teacher's feature of the patch and of its neighbours' mean
+    student_probes: bool = True
+    probe_alpha: float = 1.0  # ridge penalty x patches of the fold (standardised features)
     num_workers: int | None = None  # None: the cores this process may use, less one
     teacher_batch_size: int = 64
     # run control
@@ -138,6 +142,11 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--loss must be one of {tuple(LOSSES)}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
         raise FinetuneError("--batch-size, --grad-accum and --epochs must be >= 1")
+    if cfg.student_lr_mult < 0 or cfg.probe_alpha <= 0:
+        raise FinetuneError(
+            "--student-lr-mult must be >= 0 (0: frozen student) and "
+            f"--probe-alpha > 0, got {cfg.student_lr_mult} and {cfg.probe_alpha}"
+        )
     if not 0.0 <= cfg.val_frac < 1.0:
         raise FinetuneError(f"--val-frac must be in [0, 1), got {cfg.val_frac}")
     if cfg.teacher_ckpt is not None and not Path(cfg.teacher_ckpt).is_file():

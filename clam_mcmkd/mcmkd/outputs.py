@@ -28,6 +28,7 @@ METRICS_COLUMNS = ["step", "epoch", "loss", "lr", "lr_student", "windows_per_s"]
 def run_metrics(
     plan, history: list[dict], total_steps: int, windows_per_s: float, teacher_dim: int,
     teacher_stats: dict, world_size: int, val_before: dict | None, val_after: dict | None,
+    probes: tuple[dict | None, dict | None] = (None, None),
 ) -> dict:  # fmt: skip
     """The run's final metrics (``<out>.final_metrics.json``, also inside the checkpoint)."""
     metrics = {
@@ -63,6 +64,12 @@ def run_metrics(
             val_cos_std_before=val_before.get("cos_std"),
             val_cos_std_after=val_after.get("cos_std"),
         )
+    if probes[0] is not None and probes[1] is not None:
+        # the student's own features (probes.py): held-out ridge R² of the teacher's feature of
+        # each validation patch, and of the mean teacher feature of its window neighbours
+        for key, name in (("teacher", "student_teacher_r2"), ("context", "student_context_r2")):
+            metrics[f"{name}_before"] = probes[0][key]
+            metrics[f"{name}_after"] = probes[1][key]
     return metrics
 
 
@@ -108,6 +115,13 @@ def write_run_outputs(
             metrics["val_cosine_after"],
             metrics["val_cosine_mean_baseline"],
         )
+    if "student_teacher_r2_after" in metrics:
+        log.info(
+            "finetune: the student's own features (held-out ridge R², validation patches): "
+            "teacher feature %.4f -> %.4f, neighbours' mean teacher feature %.4f -> %.4f",
+            metrics["student_teacher_r2_before"], metrics["student_teacher_r2_after"],
+            metrics["student_context_r2_before"], metrics["student_context_r2_after"],
+        )  # fmt: skip
 
 
 def write_metrics_csv(path: Path, history: list[dict]) -> None:

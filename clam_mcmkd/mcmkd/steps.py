@@ -43,7 +43,9 @@ class Learner:
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [*self.student.parameters(), *self.predictor.parameters()]
+        """What is trained (a frozen student, ``student_lr_mult`` 0, has no gradients)."""
+        every = [*self.student.parameters(), *self.predictor.parameters()]
+        return [p for p in every if p.requires_grad]
 
 
 class Batches:

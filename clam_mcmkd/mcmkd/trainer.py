@@ -41,6 +41,7 @@ from .losses import TargetStandardizer
 from .objectives import ShamReader, build_predictor
 from .outputs import run_metrics, write_run_outputs
 from .planning import WindowPlan, plan_windows, windows_by_slide
+from .probes import student_probes
 from .state import fingerprint, load_state, rng_state, save_state, set_rng_state
 from .steps import (
     Batches,
@@ -96,6 +97,7 @@ class Progress:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     val_before: dict | None = None
+    probes_before: dict | None = None  # the student's ridge probes (probes.py) at the start
     windows_seen: int = 0  # in this process (for the throughput figure)
     train_seconds: float = 0.0
 
@@ -205,6 +207,8 @@ def build(
     """Student (seeded), context predictor, optimiser, lr schedule and the window datasets."""
     torch.manual_seed(cfg.seed)
     student_enc = build_student(cfg)
+    if cfg.student_lr_mult == 0:  # the frozen-student reference: no student gradients at all
+        student_enc.model.requires_grad_(False)
     student = prepare_encoder(student_enc, device)
     predictor = build_predictor(cfg, student_enc.out_dim, targets.dim).to(device)
     average_bn = False
@@ -259,6 +263,7 @@ def restore(
             state["history"],
             state["val_before"],
         )
+        prog.probes_before = state.get("probes_before")
         if info.is_main:
             log.warning("finetune: resuming at step %d/%d", prog.step, run.batches.total_steps)
     elif cfg.resume and info.is_main:
@@ -266,6 +271,8 @@ def restore(
     if prog.val_before is None and len(run.val_set):
         # masked cosine on the held-out windows, before and after training
         prog.val_before = evaluate(learner, run.val_set, targets.mean, cfg, device, info)
+    if prog.probes_before is None and cfg.student_probes and len(run.val_set):
+        prog.probes_before = student_probes(learner, run.val_set, cfg, device, info)
     return prog
 
 
@@ -313,6 +320,7 @@ def train_steps(
                 student=learner.student.state_dict(), predictor=learner.predictor.state_dict(),
                 optimizer=learner.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
                 rng=rng_state(), history=prog.history, val_before=prog.val_before,
+                probes_before=prog.probes_before,
             )  # fmt: skip
     bar.close()
     del loader, stream  # stops reading workers
@@ -337,15 +345,17 @@ def write_outputs(
     paths: dict[str, Path], device: str, info: DistInfo,
 ) -> Path:  # fmt: skip
     """Validate after training, then (rank 0) the checkpoint, config, metrics, plot, summary."""
-    val_after = None
+    val_after = probes_after = None
     if len(run.val_set):
         val_after = evaluate(run.learner, run.val_set, targets.mean, cfg, device, info)
+        if prog.probes_before is not None:
+            probes_after = student_probes(run.learner, run.val_set, cfg, device, info)
     run.train_set.close()
     run.val_set.close()
     metrics = run_metrics(
         plan, prog.history, run.batches.total_steps,
         prog.windows_seen / max(prog.train_seconds, 1e-9), targets.dim, targets.stats,
-        info.world_size, prog.val_before, val_after,
+        info.world_size, prog.val_before, val_after, (prog.probes_before, probes_after),
     )  # fmt: skip
     if info.is_main:
         write_run_outputs(cfg, paths, plan, prog.history, metrics, run.learner.student,
