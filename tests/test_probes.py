@@ -71,12 +71,19 @@ def test_finetune_reports_the_students_own_probes(small_cohort, small_cohort_til
     """A tuned run reports the four probe values; the frozen-student reference (lr x 0) keeps
     the student bit for bit, so its probes do not move, while its predictor is trained."""
     cfg = cohort_cfg(small_cohort, small_cohort_tiled, tmp_path / "tuned.pt", epochs=2,
-                     student_lr_mult=1.0)  # fmt: skip
+                     student_lr_mult=1.0, val_at_steps=(3,))  # fmt: skip
     finetune(cfg)
     tuned = json.loads(output_paths(cfg.out)["final_metrics"].read_text())
     keys = [f"student_{p}_r2_{w}" for p in ("teacher", "context") for w in ("before", "after")]
     assert all(np.isfinite(tuned[k]) for k in keys), tuned
     assert tuned["student_teacher_r2_after"] != tuned["student_teacher_r2_before"]
+    # --val-at-steps: a curve from before (step 0) to after, the ends being the run's own
+    curve = tuned["val_curve"]
+    assert [p["step"] for p in curve] == [0, 3, tuned["steps"]]
+    assert curve[0]["student_teacher_r2"] == tuned["student_teacher_r2_before"]
+    assert curve[-1]["student_teacher_r2"] == tuned["student_teacher_r2_after"]
+    assert curve[-1]["val_r2"] == tuned["val_r2_after"]
+    assert len({p["student_teacher_r2"] for p in curve}) == 3  # the student moved at each
 
     frozen_cfg = replace(cfg, out=str(tmp_path / "frozen.pt"), student_lr_mult=0.0)
     finetune(frozen_cfg)

@@ -78,6 +78,9 @@ def _opt(field: str, *names: str, **kwargs):
         help="Skip the ridge probes of the student's own features on the validation windows "
         "(R² of each patch's teacher feature and of its neighbours' mean, before and after).")  # fmt: skip
 @_opt("probe_alpha", help="Ridge penalty of the student probes (x patches, standardised).")
+@option("--val-at-steps", multiple=True, type=int,
+        help="Also validate (pretext and student probes) after step N; repeat for a curve "
+        "(final_metrics.json: val_curve).")  # fmt: skip
 @workers_option(FinetuneConfig, "Window")
 @_opt("teacher_batch_size")
 @_opt("save_every", help="Steps between resumable states.")

@@ -67,6 +67,7 @@ class FinetuneConfig:
     # (probes.py): R² of the teacher's feature of the patch and of its neighbours' mean
     student_probes: bool = True
     probe_alpha: float = 1.0  # ridge penalty x patches of the fold (standardised features)
+    val_at_steps: tuple[int, ...] = ()  # also validate (+ probes) after these steps: a curve
     num_workers: int | None = None  # None: the cores this process may use, less one
     teacher_batch_size: int = 64
     # run control
@@ -147,6 +148,8 @@ def validate_config(cfg: FinetuneConfig) -> None:
             "--student-lr-mult must be >= 0 (0: frozen student) and "
             f"--probe-alpha > 0, got {cfg.student_lr_mult} and {cfg.probe_alpha}"
         )
+    if any(int(s) < 1 for s in cfg.val_at_steps):
+        raise FinetuneError(f"--val-at-steps must be >= 1, got {list(cfg.val_at_steps)}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise FinetuneError(f"--val-frac must be in [0, 1), got {cfg.val_frac}")
     if cfg.teacher_ckpt is not None and not Path(cfg.teacher_ckpt).is_file():

@@ -46,8 +46,7 @@ def probe_sums(
 ) -> list[torch.Tensor]:  # fmt: skip
     """Per fold: the flat sufficient statistics of [x, 1] (student features, augmented) against
     both probe targets, summed over this rank's windows and then over all ranks."""
-    was_training = student.training
-    student.eval()
+    student.eval()  # the caller restores its mode (student_probes)
     folds = probe_folds(dataset)
     idx = np.arange(len(dataset))[info.rank :: info.world_size]
     acc: list[dict[str, torch.Tensor]] | None = None
@@ -63,7 +62,6 @@ def probe_sums(
             keep = torch.from_numpy(folds[ix] == f).to(device)
             if bool(keep.any()):
                 _add(acc[f], feats[keep], {k: t[keep] for k, t in targets.items()})
-    student.train(was_training)
     if acc is None:  # a rank without validation windows still joins the all-reduce
         x_dim = int(student.out_dim)
         acc = [_zero_sums(x_dim, int(standardizer.mean.numel()), device) for _ in range(N_FOLDS)]
@@ -158,9 +156,15 @@ def _standardiser(xx: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def student_probes(
     learner, dataset, cfg, device: str, info: DistInfo
 ) -> dict[str, float]:  # fmt: skip
-    """``{"teacher": R², "context": R²}`` of the learner's student on the validation windows."""
+    """``{"teacher": R², "context": R²}`` of the learner's student on the validation windows;
+    the student's mode (train, BatchNorm frozen or not) is as it was afterwards."""
+    from .steps import set_student_mode
+
+    was_training = learner.student.training
     folds = probe_sums(
         learner.student, learner.student_tf, learner.standardizer, dataset, device,
         cfg.precision, cfg.batch_size, info,
     )  # fmt: skip
+    if was_training:
+        set_student_mode(learner.student, cfg.freeze_bn)
     return probe_r2(folds, cfg.probe_alpha)

@@ -89,6 +89,7 @@ class Run:
     train_set: WindowDataset
     val_set: WindowDataset
     empty: dict  # the micro-batch of a rank with no window in it
+    teacher_mean: torch.Tensor  # what validation's "predict the mean" baseline predicts
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     val_before: dict | None = None
     probes_before: dict | None = None  # the student's ridge probes (probes.py) at the start
+    val_curve: list[dict] = field(default_factory=list)  # validation after --val-at-steps
     windows_seen: int = 0  # in this process (for the throughput figure)
     train_seconds: float = 0.0
 
@@ -233,7 +235,7 @@ def build(
     train_set = WindowDataset(plan.slides, plan.train, cfg.grid, teacher=targets.reader)
     val_set = WindowDataset(plan.slides, plan.val, cfg.grid, teacher=targets.reader)
     empty = empty_batch(plan.slides[0].patch_size, cfg.grid, targets.dim)
-    return Run(learner, student_enc.out_dim, batches, train_set, val_set, empty)
+    return Run(learner, student_enc.out_dim, batches, train_set, val_set, empty, targets.mean)
 
 
 def build_student(cfg: FinetuneConfig):
@@ -264,6 +266,7 @@ def restore(
             state["val_before"],
         )
         prog.probes_before = state.get("probes_before")
+        prog.val_curve = state.get("val_curve", [])
         if info.is_main:
             log.warning("finetune: resuming at step %d/%d", prog.step, run.batches.total_steps)
     elif cfg.resume and info.is_main:
@@ -310,6 +313,8 @@ def train_steps(
         prog.history.append(row)
         pending.append(row)
         bar.update(1)
+        if step + 1 in cfg.val_at_steps and step + 1 < total and len(run.val_set):
+            prog.val_curve.append(validation_point(cfg, run, step + 1, device, info))
         save = info.is_main and (step + 1 in (total, end) or (step + 1) % cfg.save_every == 0)
         if save or len(pending) >= LOG_EVERY or step + 1 == end:
             _read_losses(pending)
@@ -320,7 +325,7 @@ def train_steps(
                 student=learner.student.state_dict(), predictor=learner.predictor.state_dict(),
                 optimizer=learner.optimizer.state_dict(), scheduler=learner.scheduler.state_dict(),
                 rng=rng_state(), history=prog.history, val_before=prog.val_before,
-                probes_before=prog.probes_before,
+                probes_before=prog.probes_before, val_curve=prog.val_curve,
             )  # fmt: skip
     bar.close()
     del loader, stream  # stops reading workers
@@ -330,6 +335,18 @@ def train_steps(
         log.warning("finetune: stopped after step %d/%d; continue with --resume", end, total)
         return False
     return True
+
+
+def validation_point(cfg: FinetuneConfig, run: Run, step: int, device: str, info: DistInfo,
+                     val: dict | None = None, probes: dict | None = None) -> dict:  # fmt: skip
+    """One point of the validation curve: the pretext (R², standardised cosine) and, with
+    ``student_probes``, the student's own probes; `val` / `probes` when already measured."""
+    val = val or evaluate(run.learner, run.val_set, run.teacher_mean, cfg, device, info)
+    point = {"step": step, "val_r2": val["r2"], "val_cos_std": val["cos_std"]}
+    if cfg.student_probes:
+        probes = probes or student_probes(run.learner, run.val_set, cfg, device, info)
+        point.update(student_teacher_r2=probes["teacher"], student_context_r2=probes["context"])
+    return point
 
 
 def _read_losses(rows: list[dict]) -> None:
@@ -357,6 +374,15 @@ def write_outputs(
         prog.windows_seen / max(prog.train_seconds, 1e-9), targets.dim, targets.stats,
         info.world_size, prog.val_before, val_after, (prog.probes_before, probes_after),
     )  # fmt: skip
+    if cfg.val_at_steps and val_after is not None:  # the curve, from before to after training
+        ends = [
+            validation_point(cfg, run, s, device, info, v, p)
+            for s, v, p in (
+                (0, prog.val_before, prog.probes_before),
+                (prog.step, val_after, probes_after),
+            )
+        ]
+        metrics["val_curve"] = [ends[0], *prog.val_curve, ends[1]]  # fmt: skip
     if info.is_main:
         write_run_outputs(cfg, paths, plan, prog.history, metrics, run.learner.student,
                           run.learner.student_tf, targets.cache_dir)  # fmt: skip
