@@ -150,8 +150,10 @@ from click.testing import CliRunner
 from clam_mcmkd.cli import main
 result = CliRunner().invoke(main, ["list-encoders", "--json"])
 assert result.exit_code == 0, result.output
+from clam_mcmkd.clam_compat import encoder_names  # CLAM's argparse choices, patched
+names = encoder_names()
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "timm", "tiatoolbox"})
-print(json.dumps({"rows": json.loads(result.output), "heavy": heavy}))
+print(json.dumps({"rows": json.loads(result.output), "heavy": heavy, "clam": names}))
 """
 
 
@@ -172,6 +174,7 @@ def test_list_encoders_json_in_a_fresh_interpreter_imports_no_torch():
     for name in LISTED:
         assert rows[name]["buildable"] is False and rows[name]["reason"]
     assert all(r["source"] for r in report["rows"])
+    assert set(report["clam"]) == set(rows) - set(LISTED) and "conch_v15" in report["clam"]
 
 
 @pytest.mark.parametrize("name", LISTED)
@@ -240,3 +243,15 @@ def test_clam_hook_builds_a_new_name_from_its_checkpoint_variable(tmp_path, monk
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference.model(x))
+
+
+def test_hub_file_weights_offline_are_one_line_with_the_ways_out(monkeypatch, hub_offline):
+    """GPFM and CONCH v1.5 publish a state-dict file, not a timm repo: the download is wrapped
+    like timm's, and the variable still wins."""
+    monkeypatch.delenv("GPFM_CKPT_PATH", raising=False)
+    with pytest.raises(EncoderError) as err:
+        create_encoder("gpfm", pretrained=True)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("gpfm: cannot load pretrained weights")
+    for way_out in ("hf-hub:majiabo/GPFM/GPFM.pth", "--no-pretrained", "$GPFM_CKPT_PATH"):
+        assert way_out in msg
