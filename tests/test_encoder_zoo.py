@@ -23,7 +23,8 @@ from clam_mcmkd.encoders.registry import describe_built
 from clam_mcmkd.encoders.zoo import SPECS
 
 REPO = Path(__file__).resolve().parents[1]
-BUILDABLE = sorted(n for n, s in SPECS.items() if s.buildable)
+OFFLINE = sorted(n for n, s in SPECS.items() if s.offline)  # built from the spec alone
+HF = sorted(n for n, s in SPECS.items() if s.kind == "transformers")  # config from the hub
 LISTED = sorted(n for n, s in SPECS.items() if not s.buildable)
 # The names issue 20 asks for, with the width each card (or official loader's default) gives.
 NEW_WIDTHS = {
@@ -31,6 +32,7 @@ NEW_WIDTHS = {
     "h0_mini_cls_mean": 1536, "kaiko_vits8": 384, "kaiko_vits16": 384, "kaiko_vitb8": 768,
     "kaiko_vitb16": 768, "kaiko_vitl14": 1024, "lunit_vits8": 384, "gpfm": 1024,
     "conch_v15": 768, "phikon_v2": 1024, "hibou_l": 1024, "midnight12k": 1536,
+    "midnight12k_cls_mean": 3072,
 }  # fmt: skip
 
 
@@ -46,9 +48,7 @@ def _shallow(spec, depth: int = 1):
     return dataclasses.replace(spec, timm_kwargs=spec.timm_kwargs + (("depth", depth),))
 
 
-@pytest.mark.parametrize(
-    "name", sorted(n for n in NEW_WIDTHS if n in BUILDABLE and "_cls" not in n)
-)
+@pytest.mark.parametrize("name", sorted(n for n in NEW_WIDTHS if n in OFFLINE and "_cls" not in n))
 def test_offline_build_forward_at_the_published_width(name):
     """Full width, one block (ViT-H/ViT-g at full depth are 0.6-1.1B parameters): the card's
     preprocessing on real uint8 patches, then the output rule, give (N, out_dim)."""
@@ -135,7 +135,7 @@ def test_list_encoders_static_rows_match_the_builds():
     for name in catalog.BUILTIN_ROWS:
         built = "resnet50_trunc" if name in ("mcmkd_resnet50", "checkpoint") else name
         assert catalog.BUILTIN_ROWS[name] == describe_built(name, built)
-    for name in BUILDABLE:
+    for name in OFFLINE:
         with torch.device("meta"):
             enc = create_encoder(name, pretrained=False, init_seed=None)
         row, tf = SPECS[name].describe(), enc.transforms
@@ -175,6 +175,8 @@ def test_list_encoders_json_in_a_fresh_interpreter_imports_no_torch():
     assert rows["virchow"]["output"] == "cls+mean_patch" and rows["virchow_cls"]["output"] == "cls"
     for name in LISTED:
         assert rows[name]["buildable"] is False and rows[name]["reason"]
+    for name in HF:
+        assert rows[name]["offline"] is False and "config.json" in rows[name]["reason"]
     assert all(r["source"] for r in report["rows"])
     assert set(report["clam"]) == set(rows) - set(LISTED) and "conch_v15" in report["clam"]
 
@@ -191,7 +193,7 @@ def test_listed_names_say_why_in_one_line(name):
 # --------------------------------------------------------------------- where the names are used
 
 
-@pytest.mark.parametrize("name", [n for n in NEW_WIDTHS if n in BUILDABLE])
+@pytest.mark.parametrize("name", [n for n in NEW_WIDTHS if n in OFFLINE])
 def test_new_names_as_teacher_identity(name):
     """finetune --teacher: the name passes the teacher check and the cache's identity holds the
     card's preprocessing, rule, width and hub weights (read on the meta device)."""
@@ -268,3 +270,40 @@ def test_readme_table_has_every_name_at_its_width():
         if line.startswith("| `"):
             rows[cells[0].split("`")[1]] = int(cells[1])
     assert rows == {name: spec.out_dim for name, spec in SPECS.items()}
+
+
+def test_transformers_names_build_from_a_local_copy_of_the_repo(tmp_path, monkeypatch, hub_offline):
+    """phikon_v2 / midnight12k: the architecture is the repo's config.json (a tiny Dinov2 here,
+    saved as the hub lays it out); without it, one line; with it, the card's rule on the
+    AutoModel's last_hidden_state, by name or hub id, and a teacher identity on meta."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from clam_mcmkd.mcmkd.teacher_cache import teacher_spec
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, patch_size=16, image_size=224)  # fmt: skip
+    Dinov2Model(config).eval().save_pretrained(tmp_path / "repo")
+    weights = tmp_path / "repo" / "model.safetensors"
+    reference = Dinov2Model.from_pretrained(tmp_path / "repo").eval()
+    for var in ("PHIKON_V2_CKPT_PATH", "MIDNIGHT12K_CKPT_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(EncoderError) as err:  # offline, nothing cached: not even a random init
+        create_encoder("phikon_v2", pretrained=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "config.json" in msg and "$PHIKON_V2_CKPT_PATH" in msg
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = reference(pixel_values=x).last_hidden_state
+        by_id = create_encoder("hf-hub:owkin/phikon-v2", pretrained=True, ckpt=weights)
+        torch.testing.assert_close(by_id.model(x), tokens[:, 0])
+        monkeypatch.setenv("MIDNIGHT12K_CKPT_PATH", str(tmp_path / "repo"))
+        midnight = create_encoder("midnight12k_cls_mean", pretrained=True)
+        want = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+        torch.testing.assert_close(midnight.model(x), want)
+    assert (by_id.out_dim, midnight.out_dim) == (32, 64)  # the config's width, not the card's
+    assert midnight.transforms == SPECS["midnight12k"].transforms()
+    ident = teacher_spec("phikon_v2", ckpt=weights, pretrained=True, input_size=None,
+                         device="cpu", precision="fp32")  # fmt: skip
+    assert ident.out_dim == 32 and ident.weights.startswith("sha256:")
+    assert fm.weights_of(SPECS["phikon_v2"]) == "hf:owkin/phikon-v2"

@@ -73,8 +73,8 @@ def list_encoders_cmd(as_json: bool) -> None:
         click.echo(json.dumps(catalog.describe_all(), indent=2))
         return
     for name, desc in catalog.descriptions().items():
-        click.echo(f"{name:18s} {desc}")
-    click.echo("<timm name>        any timm model (hf-hub:... too), pooled features; --ckpt FILE")
+        click.echo(f"{name:20s} {desc}")
+    click.echo("<timm name>          any timm model (hf-hub:... too), pooled features; --ckpt FILE")
 
 
 COMMANDS = (extract_features_cmd, list_encoders_cmd)

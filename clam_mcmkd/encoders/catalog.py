@@ -25,8 +25,9 @@ LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
 
 OUTPUT_RULES = ("cls", "cls+mean_patch")
 # How a spec is built: a timm ViT (+ the output rule), CONCH v1.5's tower (a timm ViT trunk and
-# its attentional-pooler head), or not at all here (listed with the reason).
-KINDS = ("timm", "conch_v15", "listed")
+# its attentional-pooler head), a transformers AutoModel from the hub repo's config.json (not
+# transcribed: needs the hub or a local copy once), or not at all here (listed with the reason).
+KINDS = ("timm", "conch_v15", "transformers", "listed")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class FoundationModelSpec:
     @property
     def buildable(self) -> bool:
         return self.kind != "listed"
+
+    @property
+    def offline(self) -> bool:
+        """Built from the spec alone (``--no-pretrained`` needs nothing from the hub)."""
+        return self.kind in ("timm", "conch_v15")
 
     def model_kwargs(self) -> dict[str, Any]:
         """``timm_kwargs`` with layer names resolved to classes."""
@@ -94,6 +100,7 @@ class FoundationModelSpec:
             "licence": self.licence,
             "gated": self.gated,
             "buildable": self.buildable,
+            "offline": self.offline,
             "variant_of": self.variant_of,
             "reason": self.reason,
         }
@@ -104,7 +111,8 @@ class FoundationModelSpec:
         if not self.buildable:
             return f"{hub}: {self.out_dim}-d, listed, not built here: {self.reason}"
         rule = "" if self.output == "cls" else f", {self.output}"
-        return f"{hub}: {self.out_dim}-d, {self.input_size} px{rule}"
+        hf = "" if self.offline else ", transformers (architecture from the hub's config.json)"
+        return f"{hub}: {self.out_dim}-d, {self.input_size} px{rule}{hf}"
 
 
 def other_output(spec: FoundationModelSpec, name: str) -> FoundationModelSpec:

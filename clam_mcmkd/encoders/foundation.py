@@ -98,6 +98,8 @@ def _hub_file(spec: FoundationModelSpec) -> str:
 
 def weights_of(spec: FoundationModelSpec) -> str:
     """Where ``pretrained=True`` takes the spec's weights from (a teacher's identity)."""
+    if spec.kind == "transformers":
+        return f"hf:{spec.hub_id}"
     return f"hf-hub:{spec.hub_id}/{spec.hub_file}" if spec.hub_file else spec.hub_id
 
 
@@ -124,6 +126,11 @@ def build_foundation_model(
         log.warning("%s: input size is the card's %d px; %d ignored",
                     spec.name, spec.input_size, target_img_size)  # fmt: skip
     ckpt = ckpt or (os.environ.get(spec.ckpt_env) if spec.ckpt_env else None) or None
+    if spec.kind == "transformers":  # the architecture is the hub repo's config.json
+        from .hf_models import build_transformers_network
+
+        net = build_transformers_network(spec, pretrained=pretrained, ckpt=ckpt).eval()
+        return Encoder(net, spec.transforms(), net.out_dim)
     if ckpt is None and pretrained and spec.hub_file:
         ckpt = _hub_file(spec)
     if ckpt is None and pretrained:  # the published weights through timm's hub loader

@@ -281,23 +281,36 @@ _BASE = (
         "+ the pooler head 2.76M (our count of the vendored head)",
     ),
 )
-_LISTED_REASON = "a transformers model; its config.json cannot be read offline, so its "
+_HF_REASON = (
+    "a transformers model: its config.json could not be read offline, so the architecture is "
+    "not transcribed; it comes from the hub repo's config.json (downloaded with the weights, "
+    "then cached) or a local copy of the repo (--ckpt DIR or the variable), and --no-pretrained "
+    "needs that config too. As a teacher: --teacher with this name or its hub id (plain or "
+    "hf-hub:<id>: the id names this spec, so timm never sees the transformers-format repo)"
+)
+_HF = dict(arch="", timm_kwargs=(), licence="see card", kind="transformers", reason=_HF_REASON)
 _LISTED = (
     FoundationModelSpec(
         name="phikon_v2",
         hub_id="owkin/phikon-v2",
-        arch="",
-        timm_kwargs=(),
         out_dim=1024,
-        ckpt_env="",
-        kind="listed",
-        input_size=224,
-        licence="see card",
-        reason=_LISTED_REASON + "architecture is not transcribed; transformers-format weights "
-        "do not load through timm, so --teacher hf-hub:owkin/phikon-v2 does not work either: "
-        "export it to timm (or an encoder checkpoint) and pass that",
+        ckpt_env="PHIKON_V2_CKPT_PATH",
+        **_HF,
         source=f"{_TRIDENT} Phikonv2InferenceEncoder (AutoModel, last_hidden_state[:, 0], "
-        "Resize 224 + CenterCrop 224, ImageNet mean/std)",
+        "Resize 224 + CenterCrop 224, ImageNet mean/std); kaiko-ai/eva owkin.py; width 1024 "
+        "(ViT-L, TRIDENT's docs): the architecture itself is the hub's config.json",
+    ),
+    FoundationModelSpec(
+        name="midnight12k",
+        hub_id="kaiko-ai/midnight",
+        out_dim=1536,
+        ckpt_env="MIDNIGHT12K_CKPT_PATH",
+        mean=HALF,
+        std=HALF,
+        **_HF,
+        source=f"{_TRIDENT} Midnight12kInferenceEncoder (AutoModel, cls_token default, "
+        "cls+mean option (TRIDENT's docs: 3072), Resize 224 + CenterCrop 224, mean=std=0.5); "
+        "the architecture itself is the hub's config.json",
     ),
     FoundationModelSpec(
         name="hibou_l",
@@ -312,34 +325,19 @@ _LISTED = (
         mean=(0.7068, 0.5755, 0.722),
         std=(0.195, 0.2316, 0.1816),
         licence="see card",
-        reason=_LISTED_REASON + "architecture is not transcribed, and it needs "
-        "trust_remote_code (hist.ai's DINOv2 with 4 registers); --teacher hf-hub:... needs a "
-        "timm-format repo: use a timm port of its weights (e.g. 1aurent's Hibou collection)",
+        reason="its transformers model needs trust_remote_code (hist.ai's own DINOv2 with 4 "
+        "registers, code run from the hub), which clam-mcmkd does not execute; --teacher "
+        "hf-hub:<id> needs a timm-format repo: use a timm port of its weights (e.g. in 1aurent's "
+        "Hibou collection) or an encoder checkpoint",
         source=f"{_TRIDENT} HibouLInferenceEncoder (AutoModel trust_remote_code, pooler_output, "
         "Resize 224 bicubic, hibou mean/std); kaiko-ai/eva histai.py (4 registers)",
-    ),
-    FoundationModelSpec(
-        name="midnight12k",
-        hub_id="kaiko-ai/midnight",
-        arch="",
-        timm_kwargs=(),
-        out_dim=1536,
-        ckpt_env="",
-        kind="listed",
-        mean=HALF,
-        std=HALF,
-        licence="see card",
-        reason=_LISTED_REASON + "ViT-g/14 layout is not transcribed; --teacher hf-hub:... needs "
-        "a timm-format repo and kaiko-ai/midnight is transformers-format (cls+mean would be "
-        "3072-d)",
-        source=f"{_TRIDENT} Midnight12kInferenceEncoder (AutoModel, cls_token default, "
-        "cls+mean option, Resize 224 + CenterCrop 224, mean=std=0.5)",
     ),
 )
 _VARIANTS = {  # the card's other output rule, under its own name
     "virchow_cls": "virchow",
     "virchow2_cls": "virchow2",
     "h0_mini_cls_mean": "h0_mini",
+    "midnight12k_cls_mean": "midnight12k",
 }
 _BY_NAME = {s.name: s for s in _BASE + _LISTED}
 SPECS: dict[str, FoundationModelSpec] = {
