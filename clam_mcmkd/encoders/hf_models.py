@@ -14,26 +14,18 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .catalog import FoundationModelSpec
+from .foundation import FoundationEncoder, pool_tokens
 from .registry import EncoderError, reaching_weights
 
 log = logging.getLogger(__name__)
 
 
-class TransformersEncoder(nn.Module):
+class TransformersEncoder(FoundationEncoder):
     """``AutoModel`` -> ``last_hidden_state`` (after the final norm) -> the card's output rule."""
 
-    def __init__(self, model: nn.Module, output: str, out_dim: int):
-        super().__init__()
-        self.model = model
-        self.output_rule = output
-        self.out_dim = int(out_dim)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .foundation import pool_tokens
-
         tokens = self.model(pixel_values=x).last_hidden_state
         return pool_tokens(tokens, 1, self.output_rule)  # class token, then patches
 
