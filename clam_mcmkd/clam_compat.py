@@ -11,5 +11,6 @@ from .clam.compat import (  # noqa: F401
     ClamTask,
     ClamTaskError,
     clam_task,
+    encoder_names,
     get_clam_encoder,
 )

@@ -95,6 +95,8 @@ def test_patch_files_parse_and_cover_the_issue(patches):
     assert "mcmkd_resnet50" in added["models/builder.py"]
     assert "MCMKD_CKPT_PATH" in added["models/builder.py"]
     assert "get_clam_encoder" in added["models/builder.py"]
+    for path in ("models/builder.py", "extract_features_fp.py"):  # every clam-mcmkd encoder
+        assert "clam_mcmkd_encoders()" in added[path], path
     assert "mcmkd_resnet50" in added["utils/constants.py"]
     assert "mcmkd_resnet50" in added["extract_features_fp.py"]
     for script in ("main.py", "eval.py", "create_splits_seq.py"):

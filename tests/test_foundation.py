@@ -17,21 +17,24 @@ from clam_mcmkd.encoders import EncoderError, PatchTransforms
 from clam_mcmkd.encoders import foundation as fm
 from clam_mcmkd.utils import ClamMcmkdError
 
-# Published parameter counts (model cards / papers), in millions: a wrong depth, width, MLP ratio
-# or token layout moves these by far more than the 0.5% tolerance.
-PUBLISHED_PARAMS_M = {
-    "uni_v1": 303,  # UNI: ViT-L/16, 303M
-    "uni2_h": 681,  # UNI2-h card: ViT-H/14 with 8 registers, 681M
-    "virchow2": 632,  # Virchow2 paper: 632M
-    "h_optimus_0": 1130,  # card: ViT-g/14, 1.1B
-    "h_optimus_1": 1130,
-    "prov_gigapath": 1130,  # tile encoder, 1.13B
-}
+# Published parameter counts (model cards / papers) live in each spec's ``params_m`` (with their
+# source): a wrong depth, width, MLP ratio or token layout moves these by far more than 0.5%.
 # Token sequence the cards state for a 224 px input: class + registers + patches.
-TOKENS = {"uni_v1": 197, "uni2_h": 265, "virchow2": 261, "h_optimus_0": 261, "prov_gigapath": 197}
+TOKENS = {
+    "uni_v1": 197,
+    "uni2_h": 265,
+    "virchow2": 261,
+    "h_optimus_0": 261,
+    "prov_gigapath": 197,
+    "virchow": 257,
+    "h0_mini": 261,
+    "kaiko_vitl14": 261,
+    "gpfm": 257,
+    "conch_v15": 197,
+}
 
 
-@pytest.mark.parametrize("name", sorted(fm.SPECS))
+@pytest.mark.parametrize("name", sorted(n for n, s in fm.SPECS.items() if s.offline))
 def test_published_architecture_width_and_tokens_on_meta(name):
     spec = fm.SPECS[name]
     with torch.device("meta"):
@@ -40,18 +43,18 @@ def test_published_architecture_width_and_tokens_on_meta(name):
         tokens = enc.model.model.forward_features(torch.zeros(1, 3, 224, 224))
     assert tuple(out.shape) == (2, spec.out_dim) == (2, enc.out_dim)
     params_m = sum(p.numel() for p in enc.model.parameters()) / 1e6
-    assert params_m == pytest.approx(PUBLISHED_PARAMS_M[name], rel=0.005)
+    assert params_m == pytest.approx(spec.params_m, rel=0.005)
     if name in TOKENS:
         assert tokens.shape[1] == TOKENS[name]
     assert isinstance(enc.transforms, PatchTransforms)
-    assert enc.transforms.input_size == 224 and enc.transforms.mean == spec.mean
+    assert enc.transforms.input_size == spec.input_size and enc.transforms.mean == spec.mean
 
 
 def test_timms_offline_data_config_would_be_wrong_for_every_spec():
     """Offline, timm's data config for these archs is mean 0.5 or 518 px: never use it."""
     import timm
 
-    for spec in fm.SPECS.values():
+    for spec in map(fm.SPECS.get, ("uni_v1", "uni2_h", "virchow2", "h_optimus_0", "prov_gigapath")):
         with torch.device("meta"):
             model = timm.create_model(spec.arch, pretrained=False, **spec.model_kwargs())
         timm_cfg = timm.data.resolve_data_config({}, model=model)

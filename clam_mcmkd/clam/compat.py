@@ -39,6 +39,15 @@ def get_clam_encoder(model_name: str = "mcmkd_resnet50", target_img_size: int = 
     return encoder.model, encoder.transforms.to_torchvision()
 
 
+def encoder_names() -> list[str]:
+    """The names CLAM's patched ``get_encoder`` hands to :func:`get_clam_encoder`: every
+    encoder clam-mcmkd builds (read from the static catalog: no torch import at argparse time)."""
+    from ..encoders import catalog
+    from ..encoders.zoo import SPECS
+
+    return [n for n in catalog.descriptions() if n not in SPECS or SPECS[n].buildable]
+
+
 @dataclass(frozen=True)
 class ClamTask:
     """The dataset arguments one of our tasks gives CLAM's ``Generic_*_Dataset``."""

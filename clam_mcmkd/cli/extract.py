@@ -27,7 +27,8 @@ from .options import (
 @option("--csv-path", default=None, help="CSV with a slide_id column (default: every coords h5).")
 @option("--feat-dir", required=True, help="Output: h5_files/ and pt_files/ go here.")
 @config_option(ExtractConfig, "model", "--model", "--model-name",
-               help="Encoder: resnet50_trunc, mcmkd_resnet50, uni_v1, ... or any timm name.")  # fmt: skip
+               help="Encoder: resnet50_trunc, mcmkd_resnet50, uni_v1, virchow, kaiko_vitb8, ... "
+               "(see list-encoders) or any timm name.")  # fmt: skip
 @config_option(ExtractConfig, "batch_size")
 @option("--no-auto-skip", is_flag=True, help="Recompute slides whose features exist.")
 @config_option(ExtractConfig, "target_patch_size",
@@ -62,19 +63,18 @@ def extract_features_cmd(**kw) -> None:
 @option("--json", "as_json", is_flag=True,
         help="One JSON list: name, out_dim, input_size, mean, std, source, ... per encoder.")  # fmt: skip
 def list_encoders_cmd(as_json: bool) -> None:
-    """Registered encoder names (any timm model name works as well)."""
+    """Built-in encoder names (any timm model name works as well); reads a static table, so it
+    answers at once (no torch, timm or tiatoolbox import)."""
+    from ..encoders import catalog
+
     if as_json:
         import json
 
-        from ..encoders import describe_encoders
-
-        click.echo(json.dumps(describe_encoders(), indent=2))
+        click.echo(json.dumps(catalog.describe_all(), indent=2))
         return
-    from ..encoders import list_encoders
-
-    for name, desc in list_encoders().items():
-        click.echo(f"{name:18s} {desc}")
-    click.echo("<timm name>        any timm model (hf-hub:... too), pooled features; --ckpt FILE")
+    for name, desc in catalog.descriptions().items():
+        click.echo(f"{name:20s} {desc}")
+    click.echo("<timm name>          any timm model (hf-hub:... too), pooled features; --ckpt FILE")
 
 
 COMMANDS = (extract_features_cmd, list_encoders_cmd)

@@ -2,8 +2,12 @@
 
 * :mod:`.registry` - ``create_encoder(name)``, ``register_encoder``, ``list_encoders``.
 * :mod:`.builders` - the built-in encoders (CLAM's ``resnet50_trunc``, ``mcmkd_resnet50``, ...).
-* :mod:`.foundation` - pathology foundation models by name (UNI, UNI2-h, Virchow2, H-optimus,
-  Prov-GigaPath): each card's architecture, preprocessing and output rule.
+* :mod:`.catalog` - what each built-in is, as plain data (:class:`FoundationModelSpec`, the
+  ``list-encoders`` rows): no torch import, so listing answers at once.
+* :mod:`.zoo` - the table of pathology foundation models (UNI, Virchow, H-optimus, H0-mini,
+  kaiko, Lunit, GPFM, Prov-GigaPath, CONCH v1.5, ...): each card's architecture, preprocessing,
+  output rule, width and sources.
+* :mod:`.foundation` - builds and registers them; :mod:`.conch` - CONCH v1.5's tower.
 * :mod:`.transforms` - :class:`PatchTransforms`, Resize [-> CenterCrop] -> ToTensor -> Normalize.
 * :mod:`.checkpoint` - the one checkpoint loader, and the MCM-KD student checkpoint.
 * :mod:`.forward` - the one forward path (device, channels-last, precision, batching).
@@ -27,7 +31,9 @@ _EXPORTS = {
         ),
         ".registry",
     ),  # fmt: skip
-    **dict.fromkeys(("FoundationModelSpec", "SPECS", "build_foundation_model"), ".foundation"),
+    **dict.fromkeys(("FoundationModelSpec", "describe_all", "descriptions"), ".catalog"),
+    **dict.fromkeys(("SPECS",), ".zoo"),
+    **dict.fromkeys(("build_foundation_model",), ".foundation"),
     **dict.fromkeys(("PatchTransforms", "IMAGENET_MEAN", "IMAGENET_STD"), ".transforms"),
     **dict.fromkeys(("TimmCNNEncoder", "TimmPooledEncoder", "MCMKD_CKPT_ENV"), ".builders"),
     **dict.fromkeys(

@@ -21,6 +21,7 @@ import os
 import torch
 from torch import nn
 
+from .catalog import BUILTIN_DESCRIPTIONS
 from .checkpoint import load_state_dict, read_student_checkpoint
 from .registry import (
     Builder,
@@ -94,14 +95,11 @@ def _trunc_builder(name: str, timm_name: str):
     return build
 
 
-register_encoder(
-    "resnet50_trunc", "CLAM's ResNet-50 truncated after layer3, 1024-d (ImageNet)",
-    source="timm/resnet50.tv_in1k",
-)(_trunc_builder("resnet50_trunc", "resnet50.tv_in1k"))  # fmt: skip
-register_encoder(
-    "resnet18_trunc", "ResNet-18 truncated after layer3, 256-d (small student)",
-    source="timm/resnet18.tv_in1k",
-)(_trunc_builder("resnet18_trunc", "resnet18.tv_in1k"))  # fmt: skip
+for _name, _timm_name in (("resnet50_trunc", "resnet50.tv_in1k"),
+                          ("resnet18_trunc", "resnet18.tv_in1k")):  # fmt: skip
+    register_encoder(_name, BUILTIN_DESCRIPTIONS[_name], source=f"timm/{_timm_name}")(
+        _trunc_builder(_name, _timm_name)
+    )
 
 
 def timm_builder(name: str) -> Builder:
@@ -134,7 +132,7 @@ def _warn_if_foundation_arch(name: str, ckpt) -> None:
     preprocessing and pooling (offline: mean 0.5, 518 px for DINOv2 archs), not the card's."""
     from .foundation import SPECS
 
-    named = [s.name for s in SPECS.values() if s.arch == name.split(".")[0]]
+    named = [s.name for s in SPECS.values() if s.arch and s.arch == name.split(".")[0]]
     if named and ckpt is not None:
         log.warning(
             "%s: built with timm's default preprocessing and pooling, not a foundation model "
@@ -143,9 +141,7 @@ def _warn_if_foundation_arch(name: str, ckpt) -> None:
 
 
 @register_encoder(
-    "mcmkd_resnet50", "MCM-KD fine-tuned ResNet-50 trunc from --ckpt / MCMKD_CKPT_PATH (the "
-    "checkpoint's input size and normalisation win; shown: the resnet50_trunc student's)",
-    ckpt_env=MCMKD_CKPT_ENV,
+    "mcmkd_resnet50", BUILTIN_DESCRIPTIONS["mcmkd_resnet50"], ckpt_env=MCMKD_CKPT_ENV,
     describe=lambda: describe_built("mcmkd_resnet50", "resnet50_trunc"),
 )  # fmt: skip
 def _build_mcmkd(pretrained=True, ckpt=None, target_img_size=224, **_):
@@ -159,9 +155,7 @@ def _build_mcmkd(pretrained=True, ckpt=None, target_img_size=224, **_):
 
 
 @register_encoder(
-    "checkpoint", "Any encoder checkpoint from --ckpt (a `finetune` student of any architecture, "
-    "or one written by save_student_checkpoint): architecture, input size and normalisation "
-    "from the file; shown: a resnet50_trunc's",
+    "checkpoint", BUILTIN_DESCRIPTIONS["checkpoint"],
     describe=lambda: describe_built("checkpoint", "resnet50_trunc"),
 )  # fmt: skip
 def _build_checkpoint(pretrained=True, ckpt=None, target_img_size=224, **_):

@@ -186,14 +186,18 @@ def weights_source(
 
 
 def describe_encoders() -> list[dict[str, Any]]:
-    """``list-encoders --json``: ``{name, out_dim, input_size, mean, std, source, ...}`` for every
-    registered name. Foundation models describe themselves (their specs); the others are built
-    on the meta device (no weights, no memory), so width and transforms are read, not restated."""
+    """``{name, out_dim, input_size, mean, std, source, ...}`` for every registered name: the
+    built-ins' rows from :mod:`.catalog` (what ``list-encoders --json`` prints without torch),
+    any other registered name read off a meta-device build (no weights, no memory)."""
+    from .catalog import BUILTIN_ROWS
+
     _builtins()
     return [
-        _DESCRIBE[name]() if name in _DESCRIBE else describe_built(name, name)
+        BUILTIN_ROWS[name] if name in BUILTIN_ROWS
+        else _DESCRIBE[name]() if name in _DESCRIBE
+        else describe_built(name, name)
         for name in sorted(_REGISTRY)
-    ]
+    ]  # fmt: skip
 
 
 def describe_built(name: str, built: str, **build_kwargs: Any) -> dict[str, Any]:
