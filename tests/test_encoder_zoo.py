@@ -307,3 +307,15 @@ def test_transformers_names_build_from_a_local_copy_of_the_repo(tmp_path, monkey
                          device="cpu", precision="fp32")  # fmt: skip
     assert ident.out_dim == 32 and ident.weights.startswith("sha256:")
     assert fm.weights_of(SPECS["phikon_v2"]) == "hf:owkin/phikon-v2"
+
+
+def test_finetune_takes_a_teacher_by_its_hub_id():
+    """A registered name's hub id is an alias, also where finetune checks its teacher's name
+    before any work; an unknown id is still refused in one line."""
+    from clam_mcmkd.encoders import EncoderError
+    from clam_mcmkd.mcmkd.config import _check_teacher_name
+
+    for hub_id in ("owkin/phikon-v2", "majiabo/GPFM"):
+        _check_teacher_name(hub_id)
+    with pytest.raises(EncoderError, match="unknown teacher 'nobody/nothing'"):
+        _check_teacher_name("nobody/nothing")

@@ -414,7 +414,11 @@ def test_ddp_two_ranks_match_one_process(cohort_reference, tmp_path):
     m_ddp = json.loads(output_paths(out)["final_metrics"].read_text())
     assert m_ddp["world_size"] == 2
     assert m_ddp["val_cosine_after"] == pytest.approx(m_ref["val_cosine_after"], abs=1e-4)
-    for key in ("student_teacher_r2_before", "student_teacher_r2_after", "student_context_r2_after"):
+    for key in (
+        "student_teacher_r2_before",
+        "student_teacher_r2_after",
+        "student_context_r2_after",
+    ):
         assert m_ddp[key] == pytest.approx(m_ref[key], abs=1e-4), key  # sums over ranks, exact
 
 

@@ -183,8 +183,10 @@ def _check_teacher_name(name: str) -> None:
     import timm
 
     from ..encoders import EncoderError, list_encoders
+    from ..encoders.registry import canonical_name
 
-    if name in list_encoders() or name.startswith("hf-hub:") or timm.is_model(name):
+    known = list_encoders()  # (registers the built-ins, and with them their aliases)
+    if canonical_name(name) in known or name.startswith("hf-hub:") or timm.is_model(name):
         return
     raise EncoderError(
         f"unknown teacher '{name}': not a registered encoder ({', '.join(list_encoders())}) "
