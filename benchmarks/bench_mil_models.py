@@ -28,7 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from bench_mcmkd_effect import cohort_stage, encoders_stage, features_stage, log, splits_stage
+from bench_mcmkd_effect import (
+    add_design_options,
+    cohort_stage,
+    encoders_stage,
+    features_stage,
+    log,
+    splits_stage,
+)
 from mcmkd_effect_report import auc_table, delta_summary
 
 from clam_mcmkd.utils import atomic_path
@@ -127,13 +134,7 @@ def main() -> None:
     ap.add_argument("--cohort-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--mil-seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--contrast", type=float, default=0.25, help="cohort difficulty (0-1)")
-    ap.add_argument("--n-slides", type=int, default=64)
-    ap.add_argument("--test-per-class", type=int, default=12)
-    ap.add_argument("--val-frac", type=float, default=0.125)
-    ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--mil-epochs", type=int, default=20)
-    ap.add_argument("--size", type=int, default=1024, help="slide side, level-0 px")
-    ap.add_argument("--region-frac", type=float, default=0.15, help="atypical share of tissue")
+    add_design_options(ap)
     ap.add_argument("--baseline-steps", type=int, default=400, help="proxy encoder pretraining")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the encoder")
     ap.add_argument("--report-only", action="store_true", help="tables from the runs file")

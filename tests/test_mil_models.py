@@ -29,12 +29,7 @@ GOLDEN = json.loads((Path(__file__).parent / "data" / "mil_reference_golden.json
 DIM = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- parity
