@@ -5,7 +5,8 @@ Written for this project with the module names, creation order and defaults of t
 implementation (``szc19990412/TransMIL``, ``models/TransMIL.py``): its state dicts load here
 strictly (and back), a fixed seed initialises the same weights, and the same weights give the
 same logits (``benchmarks/parity_mil_reference.py``; the test compares golden logits). The one
-change is the input width, ``embed_dim`` instead of a fixed 1024. The attention layer is the
+change is the input width, ``embed_dim`` instead of a fixed 1024; ``drop_out`` is not used
+(the reference's only dropout is 0.1 inside each attention layer). The attention layer is the
 ``nystrom-attention`` package, the one the reference imports: one numerical kernel fewer to
 write, and the reference's parameter names for free.
 
