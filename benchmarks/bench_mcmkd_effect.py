@@ -423,6 +423,17 @@ def run_cohort_seed(work: Path, seed: int, args, encoders: dict[str, Path]) -> p
     return pd.concat(frames, ignore_index=True), frames_pretext
 
 
+def add_design_options(ap: argparse.ArgumentParser) -> None:
+    """The cohort, split and MIL design shared with ``bench_mil_models.py``."""
+    ap.add_argument("--n-slides", type=int, default=64)
+    ap.add_argument("--test-per-class", type=int, default=12)
+    ap.add_argument("--val-frac", type=float, default=0.125)
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--mil-epochs", type=int, default=20)
+    ap.add_argument("--size", type=int, default=1024, help="slide side, level-0 px")
+    ap.add_argument("--region-frac", type=float, default=0.15, help="atypical share of tissue")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True)
@@ -438,13 +449,7 @@ def main() -> None:
         help="MIL seeds for feature_norm none (default: --mil-seeds)",
     )
     ap.add_argument("--arms", nargs="+", default=["untuned"], choices=ARMS)
-    ap.add_argument("--n-slides", type=int, default=64)
-    ap.add_argument("--test-per-class", type=int, default=12)
-    ap.add_argument("--val-frac", type=float, default=0.125)
-    ap.add_argument("--folds", type=int, default=3)
-    ap.add_argument("--mil-epochs", type=int, default=20)
-    ap.add_argument("--size", type=int, default=1024, help="slide side, level-0 px")
-    ap.add_argument("--region-frac", type=float, default=0.15, help="atypical share of tissue")
+    add_design_options(ap)
     ap.add_argument("--texture-source", default=None, help="real texture from this slide")
     ap.add_argument("--teacher-slides", type=int, default=24)
     ap.add_argument("--teacher-steps", type=int, default=240)

@@ -80,12 +80,18 @@ def load_fold_model(cfg: HeatmapConfig, csv_labels: list[str]):
     layout (per-class bag classifiers: CLAM-MB). The input width is read from the weights.
     """
     from .encoders.checkpoint import load_checkpoint
-    from .mil.models import build_model
+    from .mil.models import build_model, get_mil_model
     from .mil.nets import clean_state_dict
     from .mil.results import run_config
     from .splits import canonical_labels
 
     run = Path(cfg.models_dir)
+    named = cfg.model_type or run_config(run).get("model_type")
+    if named and not get_mil_model(named).attention_map:
+        raise HeatmapError(
+            f"{run}: a {named} run has no per-patch attention that pooled the bag; "
+            "heatmap draws ABMIL / CLAM / MHIM-ABMIL attention only"
+        )
     ckpt = formats.fold_checkpoint_path(run, cfg.fold)
     if not ckpt.is_file():
         raise HeatmapError(f"{ckpt}: no checkpoint for fold {cfg.fold} in --models-dir")

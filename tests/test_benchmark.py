@@ -130,7 +130,7 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     cases = [
         ({"slides": str(tmp_path / "nope")}, "nope: --slides is not a directory"),
         ({"labels": str(tmp_path / "x.csv")}, r"x.csv: --labels file does not exist"),
-        ({"mil.models": ["abmil", "transmil"]}, r"unknown MIL model\(s\) \['transmil'\]"),
+        ({"mil.models": ["abmil", "dsmil"]}, r"unknown MIL model\(s\) \['dsmil'\]"),
         ({"clam_dir": str(tmp_path)}, "not a CLAM checkout"),
         ({"clam_dir": str(fake_clam)}, "CLAM's main.py feeds raw features"),
         ({}, "proxy_baseline.pt: checkpoint named by the config does not exist"),

@@ -42,13 +42,7 @@ DIM = 32
 N_SLIDES = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One thread: on a busy 2-core machine more threads make these tiny models far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def _opt(field: str, *names: str, **kwargs):
 @option("--exp-code", required=True,
         help="Run name: results go to <results-dir>/<exp-code>_s<seed>.")  # fmt: skip
 @_opt("model_type", type=click.Choice(list_mil_models()),
-      help="abmil = CLAM-SB without instance clustering.")  # fmt: skip
+      help="abmil = CLAM-SB without instance clustering; see the command's help.")  # fmt: skip
 @_opt("k", "--k", help="Number of folds.")
 @_opt("max_epochs")
 @option(
@@ -68,8 +68,31 @@ def _opt(field: str, *names: str, **kwargs):
       "training patches (saved as s_<k>_feature_norm.npz; eval and heatmap apply it). "
       "none: raw features, as CLAM.")  # fmt: skip
 @option("--no-cache", is_flag=True, help="Re-read feature files every epoch (low memory).")
+@_opt("mhim_teacher_init", type=str,
+      help="mhim_abmil: a finished abmil run dir (s_<k>_checkpoint.pt per fold) to start the "
+      "teacher from. Without it the abmil baseline is trained first, in this command, as "
+      "<exp-code>_baseline (same settings; resumes).")  # fmt: skip
+@_opt("mhim_mask_ratio", help="mhim_abmil: share of all instances masked at random.")
+@_opt("mhim_mask_ratio_l", help="mhim_abmil: share of the lowest-attention instances masked.")
+@_opt("mhim_mask_ratio_h", help="mhim_abmil: share of the highest-attention instances masked.")
+@_opt("mhim_mask_ratio_hr",
+      help="mhim_abmil: those are drawn at random from the top ratio_h/ratio_hr.")  # fmt: skip
+@option("--mhim-mrh-schedule/--no-mhim-mrh-schedule", default=True, show_default=True,
+        help="mhim_abmil: decay mask_ratio_h to 0 on a cosine over training.")  # fmt: skip
+@_opt("mhim_cl_alpha", help="mhim_abmil: weight of the student-teacher consistency loss.")
+@_opt("mhim_temp_t", help="mhim_abmil: teacher temperature.")
+@_opt("mhim_temp_s", help="mhim_abmil: student temperature.")
+@_opt("mhim_momentum", help="mhim_abmil: EMA momentum of the teacher.")
+@_opt("mhim_student_init", type=click.Choice(["none", "fc", "all"]),
+      help="mhim_abmil: start the student from the baseline's first layer (fc), all of it, or "
+      "not.")  # fmt: skip
 def train_cmd(**kw):
-    """Train ABMIL / CLAM-SB / CLAM-MB on k-fold splits (CLAM's main.py semantics)."""
+    """Train a MIL model on k-fold splits (CLAM's main.py semantics).
+
+    abmil, clam_sb, clam_mb: CLAM's models. transmil: TransMIL (Nystrom attention, PPEG, class
+    token). mhim_abmil: ABMIL trained by MHIM-MIL (a momentum teacher masks the most attended
+    instances); defaults from the MHIM-MIL v1 code's CAMELYON16 recipe.
+    """
     from ..mil import parse_label_dict, train
 
     kw["label_dict"] = parse_label_dict(kw["label_dict"])
@@ -128,6 +151,9 @@ def _slide_ids(ctx, param, value):
         help="Default: the run's train_config.json, else read off the checkpoint.")  # fmt: skip
 def heatmap_cmd(**kw):
     """Attention heatmaps of a trained fold: PNG overlay, QuPath GeoJSON, CLAM blockmap h5.
+
+    abmil, clam_sb, clam_mb and mhim_abmil (an ABMIL student); transmil is refused (no
+    per-patch attention pooled its bags).
 
     Per slide: raw attention per patch (one map per class for CLAM-MB) as CLAM's percentiles;
     the feature standardisation saved with the model, if any, is applied first.

@@ -1,8 +1,11 @@
-"""Attention MIL on CLAM's splits: ABMIL, CLAM-SB, CLAM-MB (the shape of slideflow's ``mil/``).
+"""MIL on CLAM's splits: ABMIL, CLAM-SB, CLAM-MB, TransMIL, MHIM-ABMIL (the shape of
+slideflow's ``mil/``).
 
 * :mod:`.config` - ``TrainConfig``, ``EvalConfig`` (torch-free).
 * :mod:`.models` - the registry of MIL model names -> builders (torch-free).
-* :mod:`.nets` - the networks, their losses and weights on disk.
+* :mod:`.nets` - the attention networks, their losses and weights on disk.
+* :mod:`.transmil` - TransMIL with the reference's module layout.
+* :mod:`.mhim` - MHIM-MIL's training (teacher-guided masking, EMA, consistency loss).
 * :mod:`.data` - bags, labels, splits as bags, bag order.
 * :mod:`.results` - per-fold outputs and metrics; every file name a run writes.
 * :mod:`.feature_norm` - ``--feature-norm zscore``: statistics per fold, saved, and one reader.

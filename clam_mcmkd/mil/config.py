@@ -19,6 +19,7 @@ class TrainConfig:
     results_dir: str
     exp_code: str
     model_type: str = "clam_sb"  # a registered MIL model (mil.models): abmil | clam_sb | clam_mb
+    # | transmil | mhim_abmil
     k: int = 10
     k_start: int = -1
     k_end: int = -1
@@ -43,6 +44,21 @@ class TrainConfig:
     device: str = "auto"
     cache_features: bool = True
     feature_norm: str = "none"  # none (CLAM's raw features) | zscore (per fold, training slides)
+    # MHIM-MIL (model_type mhim_abmil; mil/mhim.py). Defaults: the v1 code's CAMELYON16 ABMIL
+    # recipe (its README: --cl_alpha 0.1 --mask_ratio 0.5 --mask_ratio_h 0.01
+    # --mask_ratio_hr 0.5 --mrh_sche --init_stu_type fc; main.py: --mm 0.9999 --temp_t 0.1).
+    mhim_teacher_init: str | None = None  # a finished baseline run dir (s_<k>_checkpoint.pt per
+    # fold); None: the baseline is trained first, as <exp_code>_baseline, in the same command
+    mhim_mask_ratio: float = 0.5  # random masking: share of all instances
+    mhim_mask_ratio_l: float = 0.0  # share of the lowest-attention instances masked
+    mhim_mask_ratio_h: float = 0.01  # share of the highest-attention instances masked ...
+    mhim_mask_ratio_hr: float = 0.5  # ... picked at random from the top ratio_h / ratio_hr
+    mhim_mrh_schedule: bool = True  # ratio_h decays to 0 on a cosine over all training steps
+    mhim_cl_alpha: float = 0.1  # weight of the teacher-student consistency term
+    mhim_temp_t: float = 0.1  # teacher temperature of the consistency term
+    mhim_temp_s: float = 1.0  # student temperature
+    mhim_momentum: float = 0.9999  # EMA: teacher <- m teacher + (1 - m) student, every step
+    mhim_student_init: str = "fc"  # none | fc (the baseline's first layer) | all
 
     @property
     def run_dir(self) -> Path:

@@ -1,5 +1,8 @@
 """The MIL model registry: a name -> a builder, how it trains, and what CLAM's main.py calls it.
 
+abmil, clam_sb, clam_mb (:mod:`.nets`), transmil (:mod:`.transmil`) and mhim_abmil (ABMIL's
+module trained by :mod:`.mhim`).
+
 torch-free at import (the CLI takes its ``--model-type`` choices from here); each builder
 imports its network from :mod:`.nets`. To add a model, write its ``nn.Module`` with CLAM's
 forward contract (``forward(h, label=None, instance_eval=False)`` -> ``(logits, Y_prob, Y_hat,
@@ -25,16 +28,26 @@ class MilModel:
     description: str
     instance_loss: bool  # trained with CLAM's instance-clustering loss (needs instance heads)
     clam_args: tuple[str, ...] | None  # CLAM main.py arguments that train it (None: CLAM can't)
+    mhim_base: str | None = None  # MHIM-MIL: the baseline its teacher starts from (mil/mhim.py)
+    attention_map: bool = True  # one attention score per patch pooled the bag (heatmap draws it)
 
 
 _REGISTRY: dict[str, MilModel] = {}
 
 
 def register_mil_model(
-    name: str, description: str, *, instance_loss: bool, clam_args: tuple[str, ...] | None = None
+    name: str,
+    description: str,
+    *,
+    instance_loss: bool,
+    clam_args: tuple[str, ...] | None = None,
+    mhim_base: str | None = None,
+    attention_map: bool = True,
 ) -> Callable:
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _REGISTRY[name] = MilModel(name, fn, description, instance_loss, clam_args)
+        _REGISTRY[name] = MilModel(
+            name, fn, description, instance_loss, clam_args, mhim_base, attention_map
+        )
         return fn
 
     return wrap
@@ -86,6 +99,12 @@ def _clam_sb(**kwargs):
     return ClamSB(**kwargs)
 
 
+def _transmil(**kwargs):
+    from .transmil import TransMIL
+
+    return TransMIL(n_classes=kwargs["n_classes"], embed_dim=kwargs["embed_dim"])
+
+
 def _clam_mb(**kwargs):
     from .nets import ClamMB
 
@@ -112,3 +131,17 @@ register_mil_model(
     instance_loss=True,
     clam_args=("--model_type", "clam_mb"),
 )(_clam_mb)
+register_mil_model(
+    "transmil",
+    "TransMIL: Nystrom self-attention, PPEG position encoding, class token (Shao et al. 2021)",
+    instance_loss=False,
+    attention_map=False,
+)(_transmil)
+# MHIM-MIL's student is ABMIL's module: CLAM's eval.py (--model_type clam_sb) reads it too,
+# but CLAM's main.py cannot train it (clam_args None).
+register_mil_model(
+    "mhim_abmil",
+    "ABMIL trained by MHIM-MIL: teacher-guided hard-instance masking (Tang et al. 2023)",
+    instance_loss=False,
+    mhim_base="abmil",
+)(_clam_sb)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from .feature_norm import (
     fit_feature_norm,
     load_feature_norm,
 )
+from .mhim import MhimTrainer, check_mhim_config
 from .models import build_model, get_mil_model
 from .nets import load_weights, make_loss, save_weights
 from .results import (
@@ -124,13 +126,23 @@ def train_fold(fold, bags, store, cfg: TrainConfig, n_classes, embed_dim, device
     optimizer = make_optimizer(model, cfg)
     ckpt = checkpoint_path(run_dir, fold)
     stopper = EarlyStopping(cfg.patience, cfg.stop_epoch, ckpt) if cfg.early_stopping else None
+    mhim = None
+    if get_mil_model(cfg.model_type).mhim_base:
+        mhim = MhimTrainer(model, cfg, fold, len(bags["train"]))
     log.info(
         "fold %d: %d train, %d val, %d test slides",
         fold, len(bags["train"]), len(bags["val"]), len(bags["test"]),
     )  # fmt: skip
     bar = progress(range(cfg.max_epochs), desc=f"fold {fold}", unit="epoch")
     for epoch in bar:
-        stats = train_epoch(model, bags["train"], store, optimizer, loss_fn, cfg, n_classes, device)
+        if mhim is not None:
+            stats = mhim.train_epoch(
+                model, bags["train"], store, optimizer, loss_fn, n_classes, device, epoch
+            )
+        else:
+            stats = train_epoch(
+                model, bags["train"], store, optimizer, loss_fn, cfg, n_classes, device
+            )
         val = run_bags(model, bags["val"], store, device, n_classes, loss_fn)
         bar.set_postfix(
             loss=f"{stats['loss']:.3f}", val_loss=f"{val.loss:.3f}", val_auc=f"{val.auc:.3f}"
@@ -159,8 +171,17 @@ def train(cfg: TrainConfig) -> Path:
     """Train every fold in [k_start, k_end) and write CLAM's results layout; returns the summary.
 
     A fold whose checkpoint and results pkl both exist is not trained again (resume).
+    MHIM-MIL without ``mhim_teacher_init`` first trains (or resumes) its baseline as
+    ``<exp_code>_baseline`` beside this run.
     """
-    get_mil_model(cfg.model_type)  # an unknown name fails before any data is read
+    base = get_mil_model(cfg.model_type).mhim_base  # an unknown name fails before any data is read
+    if base:
+        check_mhim_config(cfg)
+        if cfg.mhim_teacher_init is None:
+            base_cfg = replace(cfg, model_type=base, exp_code=f"{cfg.exp_code}_baseline")
+            log.info("MHIM: training the teacher's %s baseline in %s", base, base_cfg.run_dir)
+            train(base_cfg)
+            cfg = replace(cfg, mhim_teacher_init=str(base_cfg.run_dir))
     device = resolve_device(cfg.device)
     df, label_dict = labelled_dataset(cfg.csv_path, cfg.label_dict)
     class_names = canonical_labels(label_dict)
