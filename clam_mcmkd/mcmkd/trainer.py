@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..distributed import (
     DistInfo,
@@ -45,6 +44,7 @@ from .state import fingerprint, load_state, rng_state, save_state, set_rng_state
 from .steps import (
     Batches,
     Learner,
+    StepRange,
     build_optimizer,
     empty_batch,
     evaluate,
@@ -52,6 +52,7 @@ from .steps import (
     make_loader,
     micro_batch_stream,
     set_student_mode,
+    sync_batch_norm,
     train_step,
 )
 from .teacher_cache import (
@@ -210,7 +211,7 @@ def build(
     average_bn = False
     if not cfg.freeze_bn and info.enabled:
         if str(device).startswith("cuda"):  # SyncBatchNorm raises on CPU tensors
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            student = sync_batch_norm(student)  # in float32: see Float32SyncBatchNorm
         else:
             average_bn = True
             if info.is_main:
@@ -287,14 +288,15 @@ def train_steps(
     bar = progress(total=total, initial=start, desc=desc, unit="step",
                    **({} if show else {"disable": True}))  # fmt: skip
     t0 = time.perf_counter()
-    # one loader for the whole run, so reading workers prefetch across optimizer steps
-    step_plan = [run.batches.micro_batches(s) for s in range(start, end)]
-    lists = [m for *_, micro in step_plan for m in micro]
+    # one loader for the whole run, so reading workers prefetch across optimizer steps; the
+    # steps are planned lazily, each epoch's order once
+    steps = StepRange(run.batches, start, end)
     cuda = str(device).startswith("cuda")
-    loader = iter(make_loader(run.train_set, lists, reading_workers(cfg, info), pin_memory=cuda))
-    stream = micro_batch_stream(loader, lists, run.empty)
+    loader = iter(make_loader(run.train_set, steps, reading_workers(cfg, info), pin_memory=cuda))
+    stream = micro_batch_stream(loader, (m for *_, micro in steps.steps() for m in micro),
+                                run.empty)  # fmt: skip
     pending: list = []  # history rows whose loss is still a device tensor
-    for step, (epoch, n_step, micro) in zip(range(start, end), step_plan):
+    for step, epoch, n_step, micro in steps.steps():
         loss, lrs = train_step(learner, stream, micro, epoch, n_step, cfg, device, info)
         prog.step, prog.windows_seen = step + 1, prog.windows_seen + n_step
         rate = prog.windows_seen / max(time.perf_counter() - t0, 1e-9)
