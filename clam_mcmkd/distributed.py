@@ -149,6 +149,12 @@ def distributed_run(
     """The block runs in torchrun's process group (if launched by torchrun), and leaves it:
     yields (this rank's device, DistInfo)."""
     info = init_distributed(device, timeout_s=timeout_s)
+    if not info.enabled and str(device).startswith("cuda:"):
+        import torch
+
+        # the current device, before any loader's pin-memory thread opens a context (on GPU 0
+        # otherwise); under torchrun init_distributed binds each rank's own
+        torch.cuda.set_device(torch.device(device))
     try:
         yield rank_device(device, info), info
     finally:

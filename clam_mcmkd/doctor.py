@@ -109,6 +109,7 @@ def add_gpus(report: DoctorReport) -> int:
     """One row per visible GPU; returns how many."""
     import torch
 
+    from .encoders.forward import bf16_supported
     from .utils import CudaProbe
 
     probe = CudaProbe.probe()
@@ -117,10 +118,11 @@ def add_gpus(report: DoctorReport) -> int:
         return 0
     for i in range(probe.device_count):
         p = torch.cuda.get_device_properties(i)
-        bf16 = p.major >= 8
+        bf16 = bf16_supported(f"cuda:{i}")  # what precision auto decides from
+        how = "yes" if bf16 else "no (auto: extraction fp16, fine-tuning float32)"
         report.add(
             "gpu", f"cuda:{i}", p.name, note=f"{p.total_memory / 2**30:.0f} GiB, "
-            f"compute {p.major}.{p.minor}, bf16 {'yes' if bf16 else 'no (fp16 autocast)'}",
+            f"compute {p.major}.{p.minor}, bf16 {how}",
         )  # fmt: skip
     return probe.device_count
 

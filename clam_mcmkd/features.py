@@ -59,7 +59,7 @@ class ExtractConfig:
     num_workers: int | None = None  # None: the cores this process may use, less one
     device: str = "auto"
     pretrained: bool = True
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; CPU float32
     init_seed: int = 0  # weights of pretrained=False models (same in every rank/run)
     shard: str | None = None  # "I/N": this array job's part of the cohort (by patch count)
     dist_timeout: str = "2h"  # torchrun: how long a rank waits for the others

@@ -38,7 +38,8 @@ def precision_option(cls: type):
         cls,
         "precision",
         type=click.Choice(PRECISIONS),
-        help="Autocast on CUDA (auto = bf16); CPU always runs float32.",
+        help="Autocast: auto = bf16 on a GPU that has it (compute capability >= 8), else fp16 "
+        "(inference) or fp32 (fine-tuning); float32 on the CPU unless bf16 is asked for.",
     )
 
 

@@ -72,7 +72,7 @@ class FinetuneConfig:
     save_every: int = 50  # optimizer steps between resumable states
     stop_after_steps: int | None = None  # stop cleanly (resumable) after this many steps
     device: str = "auto"
-    precision: str = "auto"  # autocast on CUDA (auto: bf16); the CPU runs float32
+    precision: str = "auto"  # auto: bf16 where the GPU has it, else fp32; fp16 refused
     dist_timeout: str = "2h"  # torchrun: how long a rank waits for the others in a collective
     seed: int = 0
     progress: bool = True
@@ -142,7 +142,7 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--val-frac must be in [0, 1), got {cfg.val_frac}")
     if cfg.teacher_ckpt is not None and not Path(cfg.teacher_ckpt).is_file():
         raise EncoderError(f"{cfg.teacher_ckpt}: teacher checkpoint does not exist")
-    autocast_dtype("cpu", cfg.precision)
+    autocast_dtype("cpu", cfg.precision, training=True)  # fp16 cannot train (no loss scaling)
     parse_timeout(cfg.dist_timeout)
     if cfg.shard:
         parse_shard(cfg.shard)
