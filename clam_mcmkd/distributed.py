@@ -255,6 +255,20 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def from_main(make, info: DistInfo):
+    """`make()` run by rank 0 alone, its (picklable) result handed to every rank: one decision
+    where ranks could see different files (node-local disks) or the same files at different
+    moments (another rank already writing)."""
+    if not info.enabled:
+        return make()
+    import torch.distributed as dist
+
+    group, _ = _placement("cpu")
+    box = [make() if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         import torch.distributed as dist

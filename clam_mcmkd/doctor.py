@@ -185,14 +185,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_rate(step, per_call: int, seconds: float, device: str, max_calls: int = 10_000):
-    """Items/s of `step()` after one warm-up call, over at least `seconds` (and >= 2 calls)."""
+def timed_rate(
+    step, per_call: int, seconds: float, device: str, max_calls: int = 10_000, info=None
+):
+    """Items/s of `step()` after one warm-up call, over at least `seconds` (and >= 2 calls).
+
+    Under several ranks (`info`) every step is a collective, so the number of steps is agreed
+    first: rank 0 times one more step and decides for all. Ranks that each read their own
+    clock disagree by a step now and then, and one of them waits forever in a collective."""
+    from .distributed import DistInfo, from_main
+
+    info = info or DistInfo()
     step()
     _sync(device)
-    calls, t0 = 0, time.perf_counter()
-    while calls < max_calls and (calls < 2 or time.perf_counter() - t0 < seconds):
+    if not info.enabled:
+        calls, t0 = 0, time.perf_counter()
+        while calls < max_calls and (calls < 2 or time.perf_counter() - t0 < seconds):
+            step()
+            calls += 1
+    else:
+        t0 = time.perf_counter()
         step()
-        calls += 1
+        _sync(device)
+        one = time.perf_counter() - t0
+        todo = from_main(lambda: int(min(max_calls, max(2, seconds / max(one, 1e-9)))), info)
+        for _ in range(todo - 1):
+            step()
+        calls = todo
     _sync(device)
     return per_call * calls / (time.perf_counter() - t0)
 
@@ -276,7 +295,7 @@ def probe_finetune_step(sizes: ProbeSizes, device: str, info=None, teacher_dim: 
     def step():
         train_step(learner, itertools.repeat(batch), [mine], 0, sizes.windows, cfg, device, info)
 
-    return timed_rate(step, sizes.windows, sizes.seconds, device)
+    return timed_rate(step, sizes.windows, sizes.seconds, device, info=info)
 
 
 def _free_port() -> int:
@@ -306,7 +325,7 @@ def _allreduce_rank(rank: int, port: int, device: str, out_dir: str, numel: int)
 
     info, dev = _join_ranks(rank, port, device)
     grads = torch.ones(numel, dtype=torch.float32, device=dev)
-    calls = timed_rate(lambda: du.all_reduce_(grads, info), 1, 1.0, dev, max_calls=50)
+    calls = timed_rate(lambda: du.all_reduce_(grads, info), 1, 1.0, dev, max_calls=50, info=info)
     ranks = du.all_reduce_sum([1.0], info)[0]  # the CPU-side path, on the same group
     du.barrier(info)
     du.cleanup(info)

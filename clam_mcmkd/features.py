@@ -25,6 +25,7 @@ from .distributed import (
     barrier,
     coords_patch_counts,
     distributed_run,
+    from_main,
     gather_objects,
     parse_shard,
     parse_timeout,
@@ -99,13 +100,22 @@ def _check_config(cfg: ExtractConfig) -> None:
 
 
 def my_slides(cfg: ExtractConfig, slide_ids: list[str], info: DistInfo) -> list[str]:
-    """This job's (``--shard``) and this rank's part of the cohort, balanced by patch count."""
+    """This job's (``--shard``) and this rank's part of the cohort, balanced by patch count.
+
+    Array jobs split by every slide's patches (jobs start at different moments and could not
+    agree on what is left: a slide could fall between two views); the ranks of a job split by
+    the patches still to extract, as rank 0 sees them (a resumed run stays balanced)."""
     sizes = coords_patch_counts([formats.coords_path(cfg.data_h5_dir, s) for s in slide_ids])
     if cfg.shard:
         index, count = parse_shard(cfg.shard)
         size_of = dict(zip(slide_ids, sizes))
         slide_ids = shard_of(slide_ids, index, count, sizes)
         sizes = [size_of[s] for s in slide_ids]
+    if info.enabled:
+        sizes = from_main(
+            lambda: [0 if _extracted_before(cfg, s) else n for s, n in zip(slide_ids, sizes)],
+            info,
+        )
     return shard(slide_ids, info, sizes)
 
 

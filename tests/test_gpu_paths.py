@@ -132,3 +132,134 @@ def test_plan_of_a_ragged_step_keeps_every_rank_in_every_micro_batch():
     plans = [Batches(13, cfg, DistInfo(r, 2, r, 2)).micro_batches(3) for r in range(2)]
     assert [len(m) for m in plans[0][2]] == [1, 0] and [len(m) for m in plans[1][2]] == [0, 0]
     assert np.concatenate([*plans[0][2], *plans[1][2]]).size == 1
+
+
+# ----------------------------------------------------------------------------- 2 gloo ranks
+
+
+def _agreed_steps(rank, seconds: float) -> dict:
+    import time
+
+    from clam_mcmkd import distributed as du
+    from clam_mcmkd.doctor import timed_rate
+
+    info = du.init_distributed("cpu", timeout_s=30)
+    rng = np.random.default_rng(rank)
+    t = torch.ones(4)
+    calls = []
+
+    def step():  # a collective, then host work that differs by rank (0-4 ms, and a slow
+        du.all_reduce_(t, info)  # first call on rank 1: its clock starts 0.3 s later)
+        time.sleep(0.3 if rank == 1 and not calls else rng.uniform(0, 0.004))
+        calls.append(1)
+
+    timed_rate(step, 1, seconds, "cpu", info=info)
+    du.barrier(info)
+    du.cleanup(info)
+    return {"calls": len(calls)}
+
+
+def test_doctor_two_rank_probe_agrees_its_step_count(tmp_path):
+    """Defect 5: every probe step is a collective; with host jitter and a slow first call the
+    ranks' own clocks disagree on when to stop, and one rank waited in a collective the other
+    never joined. Now rank 0 decides the count for both."""
+    from test_distributed import run_two_ranks
+
+    ranks = run_two_ranks(_agreed_steps, tmp_path, seconds=0.2)
+    assert ranks[0]["calls"] == ranks[1]["calls"] >= 3
+
+
+def _resume_on_node_local_disks(rank, root: str) -> dict:
+    from pathlib import Path
+
+    from clam_mcmkd import distributed as du
+    from clam_mcmkd.mcmkd.config import FinetuneError
+    from clam_mcmkd.mcmkd.state import resume_state, save_state
+
+    info = du.init_distributed("cpu", timeout_s=30)
+    path = Path(root, f"node{rank}", "m.state.pt")  # each rank's own disk
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fp = {"config": {"lr": 1.0}, "slides": ["a"], "train": [(0, 1)]}
+    if rank == 0:  # only rank 0's node has the state (rank 0 is the one that saves it)
+        save_state(path, fingerprint=fp, step=7, student={"w": torch.arange(3.0)})
+    out = {}
+    state = resume_state(path, fp, True, info)
+    out["step"] = None if state is None else state["step"]
+    out["w"] = None if state is None else state["student"]["w"].tolist()
+    out["fresh"] = resume_state(path, fp, False, info)  # no --resume: start, on every rank
+    try:
+        resume_state(path, {**fp, "config": {"lr": 2.0}}, True, info)
+        out["refused"] = ""
+    except FinetuneError as err:
+        out["refused"] = str(err)
+    du.barrier(info)
+    du.cleanup(info)
+    return out
+
+
+def test_resume_is_decided_by_rank_zero_for_every_rank(tmp_path):
+    """Defect 8: with a node-local --out only rank 0's node has the state; every rank resumes
+    from it at the same step (each rank looked for its own file before), and a refused resume
+    is refused on every rank instead of leaving the others waiting."""
+    from test_distributed import run_two_ranks
+
+    ranks = run_two_ranks(_resume_on_node_local_disks, tmp_path, root=str(tmp_path))
+    for out in ranks:
+        assert out["step"] == 7 and out["w"] == [0.0, 1.0, 2.0] and out["fresh"] is None
+        assert "cannot --resume: options ['lr']" in out["refused"]
+
+
+def _my_slides(rank, root: str, sizes: list[int], done: list[str]) -> dict:
+    from clam_mcmkd import distributed as du
+    from clam_mcmkd.features import ExtractConfig, my_slides
+
+    info = du.init_distributed("cpu", timeout_s=30)
+    cfg = ExtractConfig(f"{root}/coords", f"{root}/slides", None, f"{root}/feats")
+    ids = [f"s{i}" for i in range(len(sizes))]
+    mine = my_slides(cfg, ids, info)
+    du.barrier(info)
+    du.cleanup(info)
+    return {"mine": mine}
+
+
+def test_ranks_share_the_slides_still_to_extract(tmp_path):
+    """Defect 9: two big slides already extracted; the ranks split the four left by their
+    patches (by every slide's count, one rank got 280 patches of work and the other 90)."""
+    from test_distributed import run_two_ranks
+
+    from clam_mcmkd.clam.formats import feature_paths, write_coords_h5
+
+    sizes = [5000, 4800, 100, 90, 120, 60]
+    done = ["s0", "s1"]
+    for i, n in enumerate(sizes):
+        write_coords_h5(tmp_path / "coords" / "patches" / f"s{i}.h5", np.zeros((n, 2)), patch_size=256,
+                        patch_level=0, downsample=(1, 1), downsampled_level_dim=(9, 9),
+                        level_dim=(9, 9), name=f"s{i}")  # fmt: skip
+    for s in done:
+        for p in feature_paths(tmp_path / "feats", s):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"x")
+    ranks = run_two_ranks(_my_slides, tmp_path, root=str(tmp_path), sizes=sizes, done=done)
+    parts = [r["mine"] for r in ranks]
+    assert sorted(parts[0] + parts[1]) == [f"s{i}" for i in range(6)]
+    left = [sum(sizes[int(s[1:])] for s in part if s not in done) for part in parts]
+    assert max(left) - min(left) <= 60, left
+
+
+def test_teacher_cache_work_left_is_counted_per_slide(tmp_path):
+    """Defect 9, fine-tuning's side: the ranks share the patches the cache still lacks."""
+    from clam_mcmkd.mcmkd.teacher_cache import TeacherCache, TeacherSpec, missing_counts
+    from clam_mcmkd.mcmkd.windows import SlideWindows, find_window_origins
+
+    xs = np.arange(0, 512, 128)
+    coords = np.stack(np.meshgrid(xs, xs, indexing="xy"), -1).reshape(-1, 2)
+    origins = find_window_origins(coords, 128, 2)  # 4 windows of 4 patches
+    slides = [SlideWindows(f"s{i}", str(tmp_path / f"s{i}.tif"), origins, 128, 128, 0)
+              for i in range(3)]  # fmt: skip
+    spec = TeacherSpec("t", "w", 224, None, False, "bilinear", (0.5,) * 3, (0.5,) * 3, "", 2,
+                       "fp32")  # fmt: skip
+    cache = TeacherCache(tmp_path / "cache", spec)
+    cache.merge(slides[0], coords, np.zeros((16, 2), np.float32))  # all cached
+    cache.merge(slides[1], coords[:4], np.zeros((4, 2), np.float32))  # a row of 4 cached
+    items = [(0, [0, 1, 2, 3]), (1, [0, 1, 2, 3]), (2, [0, 1])]
+    assert missing_counts(cache, slides, items, 2) == [0, 12, 8]

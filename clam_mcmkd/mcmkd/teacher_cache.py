@@ -295,6 +295,19 @@ def fill_cache(
     return stats
 
 
+def missing_counts(
+    cache: TeacherCache, slides: list, items: list[tuple[int, list[int]]], grid: int
+) -> list[int]:
+    """Patches of each (slide, windows) item not in the cache yet: the work left to share."""
+    counts = []
+    for s, windows in items:
+        sw = slides[s]
+        have = {(int(x), int(y)) for x, y in cache.read_index(sw)}
+        want = {(int(x), int(y)) for w in windows for x, y in sw.patch_coords(w, grid)}
+        counts.append(len(want - have))
+    return counts
+
+
 class CacheReader:
     """Looks teacher features up by level-0 coords; h5 files opened lazily (one per worker)."""
 

@@ -25,6 +25,7 @@ from ..distributed import (
     all_reduce_sum,
     barrier,
     distributed_run,
+    from_main,
     parse_shard,
     parse_timeout,
     shard,
@@ -40,7 +41,7 @@ from .losses import TargetStandardizer
 from .objectives import ShamReader, build_predictor
 from .outputs import run_metrics, write_run_outputs
 from .planning import WindowPlan, plan_windows, windows_by_slide
-from .state import fingerprint, load_state, rng_state, save_state, set_rng_state
+from .state import fingerprint, resume_state, rng_state, save_state, set_rng_state
 from .steps import (
     Batches,
     Learner,
@@ -60,6 +61,7 @@ from .teacher_cache import (
     TeacherCache,
     build_teacher,
     fill_cache,
+    missing_counts,
     teacher_spec,
     teacher_stats,
 )
@@ -144,7 +146,7 @@ def fill_teacher_cache(
     cfg: FinetuneConfig, plan: WindowPlan, device: str, info: DistInfo
 ) -> tuple[TeacherCache, dict]:
     """Teacher features computed at most once per patch: each rank (and each ``--shard``)
-    fills its share of the cache, by patch count; the teacher is built only when some patch is
+    fills its share of the cache, by the patches it still lacks; the teacher is built only when some patch is
     not cached. Returns the cache and the counts summed over ranks."""
     cache_dir = teacher_cache_dir(cfg)
     built: dict = {}
@@ -163,7 +165,11 @@ def fill_teacher_cache(
     )  # fmt: skip
     cache = TeacherCache(cache_dir, spec)
     items = cache_work(cfg, plan)
-    mine = dict(shard(items, info, sizes=[len(windows) for _, windows in items]))
+    # ranks share the patches still to compute (rank 0 counts them, before anyone writes)
+    left = None
+    if info.enabled:
+        left = from_main(lambda: missing_counts(cache, plan.slides, items, cfg.grid), info)
+    mine = dict(shard(items, info, sizes=left))
     show = cfg.progress and info.is_main
     stats = fill_cache(cache, plan.slides, mine, cfg.grid, make_teacher, device,
                        cfg.teacher_batch_size, show_progress=show,
@@ -248,8 +254,8 @@ def restore(
     """Continue an interrupted run exactly (``--resume``), else start: validate before training."""
     prog = Progress(fingerprint(cfg, plan))
     learner = run.learner
-    if cfg.resume and paths["state"].is_file():
-        state = load_state(paths["state"], prog.fingerprint)
+    state = resume_state(paths["state"], prog.fingerprint, cfg.resume, info)
+    if state is not None:
         learner.student.load_state_dict(state["student"])
         learner.predictor.load_state_dict(state["predictor"])
         learner.optimizer.load_state_dict(state["optimizer"])
