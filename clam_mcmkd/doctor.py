@@ -127,6 +127,46 @@ def add_gpus(report: DoctorReport) -> int:
     return probe.device_count
 
 
+# A DataLoader worker hands each batch over in shared memory (/dev/shm), and holds
+# prefetch_factor (2) of them before the consumer takes one: uint8 256 px patches, at the
+# default sizes.
+PREFETCH = 2
+PATCH_BYTES = 256 * 256 * 3
+LOADER_BATCHES = {
+    "extraction": (256 * PATCH_BYTES, "batch 256"),  # extract-features --batch-size
+    "fine-tune": (32 * 16 * PATCH_BYTES, "32 windows of 4x4"),  # a finetune micro-batch
+}
+
+
+def shm_check(free_bytes: int | None, workers: int) -> tuple[bool, float, str]:
+    """(enough?, GiB needed, note) for loaders with `workers` reading processes."""
+    need = {k: b * max(workers, 1) * PREFETCH for k, (b, _) in LOADER_BATCHES.items()}
+    worst = max(need.values())
+    what = ", ".join(f"{k} ({LOADER_BATCHES[k][1]}) {v / 2**20:.0f} MiB"
+                     for k, v in need.items())  # fmt: skip
+    note = f"loaders with {workers} workers x prefetch {PREFETCH} hold {what}"
+    if free_bytes is None:
+        return True, worst / 2**30, f"no /dev/shm here; {note}"
+    ok = free_bytes >= worst
+    if not ok:
+        note += (f"; only {free_bytes / 2**20:.0f} MiB free: loader workers die with 'Bus error'. "
+                 "In Docker: --shm-size=8g or --ipc=host; else fewer --num-workers")  # fmt: skip
+    return ok, worst / 2**30, note
+
+
+def add_shm(report: DoctorReport, workers: int, path: str = "/dev/shm") -> None:
+    """/dev/shm's size and free space against what the loaders will hold."""
+    try:
+        st = os.statvfs(path)
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    except OSError:
+        total = free = None
+    ok, need, note = shm_check(free, workers)
+    value = None if total is None else round(total / 2**30, 3)
+    report.add("system", "/dev/shm", value, "GiB", ("ok: " if ok else "TOO SMALL: ") + note)
+    report.add("system", "/dev/shm needed", round(need, 3), "GiB", f"workers={workers}")
+
+
 # ----------------------------------------------------------------------------- probe set-up
 
 
@@ -393,6 +433,7 @@ def run_doctor(
     if seconds is not None:
         sizes = replace(sizes, seconds=float(seconds))
     workers = default_num_workers()
+    add_shm(report, workers)
     where = "GPU bf16 + channels_last" if cuda else "CPU float32, small probe sizes"
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         jobs, e2e_jobs = make_probe_slide(Path(tmp), sizes)

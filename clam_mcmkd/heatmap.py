@@ -302,6 +302,7 @@ def heatmap_slide(cfg: HeatmapConfig, slide_id: str, model, class_names, norm) -
 def run_heatmaps(cfg: HeatmapConfig) -> RunSummary:
     """Heatmaps for every selected slide; a bad slide is logged and skipped (see the summary)."""
     out = Path(cfg.out)
+    device = resolve_device(cfg.device)  # first: a run that cannot start writes nothing
     df = formats.read_dataset_csv(cfg.csv_path, require_label=False)
     labels = dict(zip(df["slide_id"], df["label"])) if "label" in df.columns else {}
     ids = list(cfg.slide_ids or df["slide_id"])
@@ -312,7 +313,6 @@ def run_heatmaps(cfg: HeatmapConfig) -> RunSummary:
     norm = load_feature_norm(cfg.models_dir, cfg.fold)
     out.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad run writes nothing
     save_config(cfg, out / CONFIG_NAME)
-    device = resolve_device(cfg.device)
     model.to(device)
     summary = RunSummary("heatmap", extra={"model_type": model_type, "fold": cfg.fold})
     outcomes = run_slide_job(
