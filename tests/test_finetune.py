@@ -465,30 +465,62 @@ def test_ragged_last_step_every_rank_runs_every_micro_batch(cohort_reference, tm
         torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
-def test_no_freeze_bn_under_torchrun_finishes(cohort_reference, tmp_path):
-    """--no-freeze-bn with 2 ranks and a ragged last step: no crash (SyncBatchNorm only on
-    CUDA), no hang (every rank runs every micro-batch); BatchNorm statistics did update."""
-    cfg = cohort_reference
-    out = tmp_path / "bn.pt"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "clam_mcmkd.cli",
-        "finetune", "--data-h5-dir", cfg.data_h5_dir, "--data-slide-dir", cfg.data_slide_dir,
-        "--csv-path", cfg.csv_path, "--slide-ext", ".tif", "--teacher", "resnet18",
-        "--teacher-input-size", "64", "--student", "resnet18_trunc", "--input-size", "64",
-        "--no-pretrained", "--grid", "2", "--batch-size", "4", "--grad-accum", "2",
-        "--predictor-width", "64", "--max-windows", "13", "--val-frac", "0.2",
-        "--max-val-windows", "8", "--teacher-cache", cfg.teacher_cache, "--out", str(out),
-        "--device", "cpu", "--no-freeze-bn", "--dist-timeout", "5m",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", CLAM_MCMKD_NO_PROGRESS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state = _student_state(out)
+def _bn_rank(rank, cfg: dict) -> dict:
+    """One gloo rank of `finetune`: its student's BatchNorm running statistics at the end."""
+    from clam_mcmkd.mcmkd import steps
+
+    seen = {}
+    real = steps.forward_windows
+
+    def keep(learner, *args):
+        seen["student"] = learner.student
+        return real(learner, *args)
+
+    steps.forward_windows = keep
+    finetune(FinetuneConfig(**cfg))
+    stats = steps.bn_statistics(seen["student"])
+    return {"stats": [t.double().sum().item() for t in stats], "n": len(stats)}
+
+
+def test_no_freeze_bn_under_two_ranks_averages_statistics(cohort_reference, tmp_path):
+    """--no-freeze-bn with 2 CPU ranks and a ragged last step: no crash (SyncBatchNorm only on
+    CUDA), no hang (every rank runs every micro-batch); each rank normalises with its own batch
+    and the running statistics are averaged after every step: both ranks end with the same
+    ones, and they moved (with the averaging off, the ranks' statistics differ)."""
+    from dataclasses import asdict
+
+    from test_distributed import run_two_ranks
+
+    cfg = replace(cohort_reference, out=str(tmp_path / "bn.pt"), max_windows=13, epochs=1,
+                  grad_accum=2, freeze_bn=False)  # fmt: skip
+    ranks = run_two_ranks(_bn_rank, tmp_path, cfg=asdict(cfg))
+    assert ranks[0]["n"] == ranks[1]["n"] > 10
+    np.testing.assert_allclose(ranks[0]["stats"], ranks[1]["stats"], rtol=1e-6)
+    state = _student_state(cfg.out)
     init = create_encoder("resnet18_trunc", pretrained=False).model.state_dict()
     stats = [k for k in state if k.endswith("running_mean")]
     assert stats and all(not torch.equal(state[k], init[k]) for k in stats)
     assert all(torch.isfinite(state[k]).all() for k in state if state[k].is_floating_point())
+
+
+def test_bf16_autocast_training_runs_on_the_cpu(one_window, cmu_slide, tmp_path):
+    """--precision bf16 trains under bf16 autocast on the CPU too (the GPU default, in the
+    suite): finite losses, near float32's and not equal to them; the teacher cache records it."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = cmu_cfg(one_window, cmu_slide, tmp_path / precision / "m.pt", precision=precision,
+                      epochs=3, batch_size=1, val_frac=0.0,
+                      teacher_cache=str(tmp_path / precision / "cache"))  # fmt: skip
+        finetune(cfg)
+        import pandas as pd
+
+        losses[precision] = pd.read_csv(output_paths(cfg.out)["metrics"])["loss"].to_numpy()
+        cache = next((tmp_path / precision / "cache").glob("*.h5"))
+        with h5py.File(cache, "r") as f:
+            assert json.loads(f.attrs["teacher"])["precision"] == precision
+    assert np.isfinite(losses["bf16"]).all() and len(losses["bf16"]) == 3
+    assert not np.array_equal(losses["bf16"], losses["fp32"])
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05, atol=0.02)
 
 
 # ----------------------------------------------------------------------------- controls
