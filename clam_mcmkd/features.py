@@ -37,7 +37,7 @@ from .encoders.forward import autocast_dtype
 from .jobs import DONE, FAILED, Outcome, SlideFailed, run_slide_job
 from .patch_pipeline import SlideJob, default_num_workers, encode_cohort
 from .slides import count_outside, find_slide
-from .utils import ClamMcmkdError, RunSummary, resolve_device, save_config
+from .utils import ClamMcmkdError, RunSummary, check_output_path, resolve_device, save_config
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def slide_ids_for(cfg: ExtractConfig) -> list[str]:
 
 
 def _check_config(cfg: ExtractConfig) -> None:
+    check_output_path(cfg.feat_dir)
     if cfg.batch_size < 1:
         raise ClamMcmkdError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.num_workers is not None and cfg.num_workers < 0:

@@ -52,6 +52,23 @@ def _umask() -> int:
     return mask
 
 
+def check_output_path(path: str | os.PathLike, *, folder: bool = True) -> Path:
+    """`path` as an output folder (or, `folder=False`, an output file) every command can write:
+    it may not exist yet, but it is not a file where a folder is wanted (or a folder where a
+    file is), and nothing above it is a file. One line naming it otherwise, before any work."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ClamMcmkdError(f"{path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise ClamMcmkdError(f"{path}: is a folder; give a file name inside it")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ClamMcmkdError(f"{path}: {parent} is a file, so nothing can be made in it")
+            break
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -38,6 +38,7 @@ from clam_mcmkd.mcmkd.windows import (
     slide_windows,
 )
 from clam_mcmkd.slides import open_slide
+from clam_mcmkd.utils import ClamMcmkdError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -826,13 +827,17 @@ def test_finetune_with_a_foundation_model_teacher_on_one_window(
 
 def test_a_run_that_fails_writing_leaves_no_outputs_behind(one_window, cmu_slide, tmp_path):
     out = tmp_path / "run" / "x.pt"
-    out.mkdir(parents=True)  # the checkpoint cannot be written where a directory is
+    # the final metrics cannot be written where a directory is (after the checkpoint, metrics,
+    # plot and summary were); an --out that is a directory is refused before any work instead
+    output_paths(out)["final_metrics"].mkdir(parents=True)
     cfg = cmu_cfg(one_window, cmu_slide, out, teacher_cache=str(tmp_path / "cache"))
     with pytest.raises(OSError):
         finetune(cfg)
-    for key in ("config", "metrics", "plot", "summary", "final_metrics"):
+    for key in ("checkpoint", "config", "metrics", "plot", "summary"):
         assert not output_paths(out)[key].exists(), key
     assert output_paths(out)["state"].is_file()  # what --resume needs stays
+    with pytest.raises(ClamMcmkdError, match="is a folder"):
+        finetune(replace(cfg, out=str(output_paths(out)["final_metrics"])))
 
 
 def test_offline_teacher_is_one_line_naming_the_ways_out(cmu_coords, cmu_slide, tmp_path,

@@ -114,9 +114,12 @@ def validate_config(cfg: FinetuneConfig) -> None:
     from ..distributed import parse_shard, parse_timeout
     from ..encoders import STUDENT_ARCHS, EncoderError
     from ..encoders.forward import autocast_dtype
+    from ..utils import check_output_path
     from .losses import LOSSES
     from .masking import MASK_STRATEGIES
 
+    check_output_path(cfg.out, folder=False)
+    check_output_path(teacher_cache_dir(cfg))
     if cfg.student not in STUDENT_ARCHS:
         raise EncoderError(
             f"unknown student '{cfg.student}': MCM-KD fine-tunes {sorted(STUDENT_ARCHS)}"
@@ -138,6 +141,10 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--loss must be one of {tuple(LOSSES)}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
         raise FinetuneError("--batch-size, --grad-accum and --epochs must be >= 1")
+    for name in ("max_windows", "save_every", "stop_after_steps", "teacher_batch_size"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise FinetuneError(f"--val-frac must be in [0, 1), got {cfg.val_frac}")
     if cfg.teacher_ckpt is not None and not Path(cfg.teacher_ckpt).is_file():

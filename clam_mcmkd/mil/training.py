@@ -20,7 +20,14 @@ import torch
 
 from ..clam import formats
 from ..splits import canonical_labels
-from ..utils import ClamMcmkdError, progress, resolve_device, save_config, seed_everything
+from ..utils import (
+    ClamMcmkdError,
+    check_output_path,
+    progress,
+    resolve_device,
+    save_config,
+    seed_everything,
+)
 from .config import TrainConfig
 from .data import (
     BagStore,
@@ -161,6 +168,7 @@ def train(cfg: TrainConfig) -> Path:
     A fold whose checkpoint and results pkl both exist is not trained again (resume).
     """
     get_mil_model(cfg.model_type)  # an unknown name fails before any data is read
+    check_output_path(cfg.results_dir)
     device = resolve_device(cfg.device)
     df, label_dict = labelled_dataset(cfg.csv_path, cfg.label_dict)
     class_names = canonical_labels(label_dict)
