@@ -89,6 +89,19 @@ def test_an_empty_micro_batch_never_reaches_the_predictors_attention():
     assert calls == [2]
 
 
+def test_visible_only_batches_predict_as_whole_windows_do():
+    """The loader's visible-patches-only batch gives the same predictions as whole windows."""
+    learner = _learner()
+    learner.student.eval()
+    full = torch.randint(0, 255, (3, 4, 32, 32, 3), dtype=torch.uint8)
+    mask = torch.tensor([[True, False, False, True], [False, True, True, False]] * 2)[:3]
+    visible = full[~mask].reshape(3, 2, 32, 32, 3)
+    with torch.no_grad():
+        a = forward_windows(learner, {"patches": full}, mask, "cpu", "fp32")
+        b = forward_windows(learner, {"patches": visible}, mask, "cpu", "fp32")
+    torch.testing.assert_close(a, b)
+
+
 def test_precision_auto_follows_the_gpu_and_fp16_never_trains():
     """Defect 6: auto is bf16 only where the GPU has it; elsewhere fp16 for inference and
     float32 for training; fp16 training (no GradScaler) is refused before any work; bf16 runs

@@ -134,3 +134,24 @@ def test_an_epoch_is_shuffled_once_not_once_per_step(monkeypatch):
         chunks = [np.array_split(order[s : s + 8], 2) for s in range(0, n, 8)]
         want = [int(i) for chunk in chunks for m in chunk for i in m[1::2]]
         assert seen[epoch] == want
+
+
+def test_a_window_read_for_training_holds_its_visible_patches_only(spread_cohort):
+    """With masks, an item (k, epoch) is the visible patches of window k, row-major: equal to
+    the whole window's with the masked ones left out; the mask is that epoch's."""
+    from functools import partial
+
+    from clam_mcmkd.mcmkd.objectives import input_masks
+
+    slides, _, _ = spread_cohort
+    cfg = FinetuneConfig("", "", "", "t", grid=GRID, mask_ratio=0.5, seed=3)
+    refs = [WindowRef(s, w) for s in range(3) for w in range(len(slides[s]))]
+    dataset = WindowDataset(slides, refs, GRID, masks=partial(input_masks, cfg))
+    for k in range(len(refs)):
+        whole = dataset[k]["patches"].numpy()
+        for epoch in (0, 1):
+            mask = input_masks(cfg, np.asarray([k]), epoch)[0]
+            visible = dataset[(k, epoch)]["patches"].numpy()
+            assert len(visible) == (~mask).sum() == 2
+            np.testing.assert_array_equal(visible, whole[~mask])
+    dataset.close()

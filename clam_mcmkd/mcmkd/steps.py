@@ -92,9 +92,9 @@ class StepRange:
         for step in range(self.start, self.end):
             yield (step, *self.batches.micro_batches(step))
 
-    def __iter__(self):
-        for *_, micro in self.steps():
-            yield from (list(map(int, ix)) for ix in micro if len(ix))
+    def __iter__(self):  # (window, epoch) items: the dataset reads the visible patches only
+        for _, epoch, _, micro in self.steps():
+            yield from ([(int(i), epoch) for i in ix] for ix in micro if len(ix))
 
 
 def make_loader(dataset, batch_sampler, num_workers: int, pin_memory: bool = False):
@@ -180,13 +180,16 @@ def forward_windows(
     learner: Learner, batch: dict, mask: torch.Tensor, device: str, precision: str
 ) -> torch.Tensor:
     """Student on each visible patch alone, then the predictor on the window: (B, g^2, Dt)."""
-    patches = batch["patches"]  # (B, g^2, P, P, 3) uint8, on the CPU like the mask
+    patches = batch["patches"]  # (B, g^2 or n_vis, P, P, 3) uint8, on the CPU like the mask
     b = patches.shape[0]
     # the visible patches (B * n_vis, P, P, 3), row-major within each window; the indices come
     # from the CPU-side mask, so the device never has to count a boolean mask
     keep = torch.nonzero(~mask.reshape(-1)).squeeze(1)
     flat = patches.reshape(-1, *patches.shape[2:])
-    visible = to_device(flat, device).index_select(0, to_device(keep, device))
+    if patches.shape[1] == mask.shape[1]:  # whole windows: pick the visible patches
+        visible = to_device(flat, device).index_select(0, to_device(keep, device))
+    else:  # the loader read the visible patches only
+        visible = to_device(flat, device)
     x = model_input(visible, learner.student_tf, device)
     with autocast(device, precision, training=True):
         tokens = learner.student(x)  # an empty rank too: SyncBatchNorm's collectives run here
@@ -266,7 +269,7 @@ def evaluate(
     sums = torch.zeros(4 + 4 + int(mean.numel()), dtype=torch.float64, device=device)
     for start in range(0, len(idx), max(1, cfg.batch_size)):
         ix = idx[start : start + cfg.batch_size]
-        batch = torch.utils.data.default_collate([dataset[int(i)] for i in ix])
+        batch = torch.utils.data.default_collate([dataset[(int(i), VAL_MASK_EPOCH)] for i in ix])
         mask = torch.from_numpy(input_masks(cfg, ix, VAL_MASK_EPOCH))
         z_pred = forward_windows(learner, batch, mask, device, cfg.precision)
         pred = learner.standardizer.inverse(z_pred)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from ..patch_pipeline import default_num_workers
 from ..utils import RunSummary, progress, resolve_device
 from .config import FinetuneConfig, output_paths, teacher_cache_dir, validate_config
 from .losses import TargetStandardizer
-from .objectives import ShamReader, build_predictor
+from .objectives import ShamReader, build_predictor, input_masks
 from .outputs import run_metrics, write_run_outputs
 from .planning import WindowPlan, plan_windows, windows_by_slide
 from .state import fingerprint, resume_state, rng_state, save_state, set_rng_state
@@ -233,8 +234,9 @@ def build(
     learner = Learner(
         student, student_enc.transforms, predictor, standardizer, optimizer, scheduler, average_bn
     )
-    train_set = WindowDataset(plan.slides, plan.train, cfg.grid, teacher=targets.reader)
-    val_set = WindowDataset(plan.slides, plan.val, cfg.grid, teacher=targets.reader)
+    masks = partial(input_masks, cfg)  # the loader reads the visible patches only
+    train_set = WindowDataset(plan.slides, plan.train, cfg.grid, targets.reader, masks)
+    val_set = WindowDataset(plan.slides, plan.val, cfg.grid, targets.reader, masks)
     empty = empty_batch(plan.slides[0].patch_size, cfg.grid, targets.dim)
     return Run(learner, student_enc.out_dim, batches, train_set, val_set, empty)
 

@@ -126,11 +126,15 @@ class WindowDataset(torch.utils.data.Dataset):
     ``READER_CACHE_BYTES`` tile cache: a shuffled epoch over thousands of slides holds bounded
     file handles and memory."""
 
-    def __init__(self, slides: list[SlideWindows], refs: list[WindowRef], grid: int, teacher=None):
+    def __init__(
+        self, slides: list[SlideWindows], refs: list[WindowRef], grid: int, teacher=None,
+        masks=None,
+    ):  # fmt: skip
         self.slides = slides
         self.refs = list(refs)
         self.grid = grid
         self.teacher = teacher  # a teacher_cache.CacheReader, or None
+        self.masks = masks  # masks(window indices, epoch) -> (B, g^2) bool, True = masked
         self.readers = OpenFiles(SLIDES_OPEN_PER_WORKER, self._open_reader)
 
     def __len__(self) -> int:
@@ -142,12 +146,20 @@ class WindowDataset(torch.utils.data.Dataset):
             sw.slide_path, sw.patch_level, sw.patch_size, cache_bytes=READER_CACHE_BYTES
         )
 
-    def __getitem__(self, k: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        """Window `key` whole (an int), or ``(k, epoch)``: only the patches its mask of that
+        epoch leaves visible, row-major (n_vis, P, P, 3): the student never sees the others,
+        and their teacher features are cached, so reading them is wasted work."""
+        k, epoch = key if isinstance(key, tuple) else (key, None)
         ref = self.refs[k]
         sw = self.slides[ref.slide]
-        x, y = (int(v) for v in sw.origins[ref.window])
-        patches = self.readers.get(ref.slide).read_window(x, y, self.grid)
         coords = sw.patch_coords(ref.window, self.grid)
+        reader = self.readers.get(ref.slide)
+        if epoch is None or self.masks is None:
+            x, y = (int(v) for v in sw.origins[ref.window])
+            patches = reader.read_window(x, y, self.grid)
+        else:
+            patches = reader.read_batch(coords[~self.masks(np.asarray([k]), epoch)[0]])
         item = {
             "patches": torch.from_numpy(patches),
             "coords": torch.from_numpy(coords),
