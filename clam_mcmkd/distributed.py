@@ -259,10 +259,10 @@ def from_main(make, info: DistInfo):
     """`make()` run by rank 0 alone, its (picklable) result handed to every rank: one decision
     where ranks could see different files (node-local disks) or the same files at different
     moments (another rank already writing)."""
-    if not info.enabled:
-        return make()
     import torch.distributed as dist
 
+    if not (info.enabled and dist.is_initialized()):  # no group: nobody to hand it to
+        return make()
     group, _ = _placement("cpu")
     box = [make() if info.is_main else None]
     dist.broadcast_object_list(box, src=0, group=group)

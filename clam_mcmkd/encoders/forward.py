@@ -24,8 +24,8 @@ def bf16_supported(device: str) -> bool:
     capability >= 8 (Ampere on); older GPUs emulate it slowly or not at all."""
     import torch
 
-    if not str(device).startswith("cuda"):
-        return True
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return True  # no GPU to ask (a spec for a CUDA run made elsewhere): the modern default
     return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
 
 
