@@ -466,6 +466,35 @@ def test_ragged_last_step_every_rank_runs_every_micro_batch(cohort_reference, tm
         torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
+def _node_local_rank(rank, cfg: dict, root: str) -> dict:
+    """One rank of a resumed run whose --out is on this rank's own disk (node-local)."""
+    finetune(FinetuneConfig(**dict(cfg, out=str(Path(root, f"node{rank}", "m.pt")))))
+    return {}
+
+
+def test_resume_with_a_node_local_out_under_two_ranks(cohort_reference, tmp_path):
+    """Defect 8 end to end: only rank 0's node has the state of the stopped run (rank 0 saves
+    it). Both ranks resume from it at the same step (each rank decided from its own disk
+    before, and the ranks fell out of step) and finish as the uninterrupted run does."""
+    from dataclasses import asdict
+
+    from test_distributed import run_two_ranks
+
+    base = replace(cohort_reference, epochs=1, dist_timeout="90s")
+    ref = replace(base, out=str(tmp_path / "ref.pt"))
+    finetune(ref)
+    finetune(replace(base, out=str(tmp_path / "node0" / "m.pt"), stop_after_steps=2))
+    (tmp_path / "node1").mkdir()
+    assert not output_paths(tmp_path / "node1" / "m.pt")["state"].exists()
+    run_two_ranks(_node_local_rank, tmp_path, cfg=asdict(replace(base, resume=True)),
+                  root=str(tmp_path))  # fmt: skip
+    history = json.loads(output_paths(tmp_path / "node0" / "m.pt")["final_metrics"].read_text())
+    assert history["world_size"] == 2
+    ref_state, resumed = _student_state(ref.out), _student_state(tmp_path / "node0" / "m.pt")
+    for k in ref_state:
+        torch.testing.assert_close(resumed[k], ref_state[k], rtol=1e-4, atol=1e-5)
+
+
 def _bn_rank(rank, cfg: dict) -> dict:
     """One gloo rank of `finetune`: its student's BatchNorm running statistics at the end."""
     from clam_mcmkd.mcmkd import steps
