@@ -229,3 +229,16 @@ def test_benchmark_checks_encoder_names_before_any_stage(root, tmp_path):
          str(labels), "--out", str(out), "--device", "cpu"],
     )  # fmt: skip
     _refused_in_one_line(result, root, before, "no_such_encoder")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_heatmap_on_a_missing_gpu_writes_no_config(root, mil_run):
+    """Defect 10: with a run folder heatmap can load, --device cuda on a machine without a GPU
+    stopped only after heatmap_config.json was written."""
+    (mil_run["run"] / "train_config.json").unlink()  # a run of CLAM's own main.py: no config
+    out = root / "out"
+    given = {"models_dir": str(mil_run["run"]), "csv_path": str(mil_run["csv"]), "out": str(out)}
+    before = {p.name for p in root.iterdir()}
+    result = CliRunner().invoke(main, _args("heatmap", root, **given) + ["--device", "cuda"])
+    _refused_in_one_line(result, root, before, "--device cuda asked")
+    assert not out.exists()
