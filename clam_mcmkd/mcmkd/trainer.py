@@ -146,9 +146,10 @@ def cache_work(cfg: FinetuneConfig, plan: WindowPlan) -> list[tuple[int, list[in
 def fill_teacher_cache(
     cfg: FinetuneConfig, plan: WindowPlan, device: str, info: DistInfo
 ) -> tuple[TeacherCache, dict]:
-    """Teacher features computed at most once per patch: each rank (and each ``--shard``)
-    fills its share of the cache, by the patches it still lacks; the teacher is built only when some patch is
-    not cached. Returns the cache and the counts summed over ranks."""
+    """Teacher features computed at most once per patch: each ``--shard`` fills its share of
+    the cache (by window count), each rank its share of that (by the patches still missing);
+    the teacher is built only when some patch is not cached. Returns the cache and the counts
+    summed over ranks."""
     cache_dir = teacher_cache_dir(cfg)
     built: dict = {}
 
