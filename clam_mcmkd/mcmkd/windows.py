@@ -155,11 +155,14 @@ class WindowDataset(torch.utils.data.Dataset):
         sw = self.slides[ref.slide]
         coords = sw.patch_coords(ref.window, self.grid)
         reader = self.readers.get(ref.slide)
-        if epoch is None or self.masks is None:
+        mask = None
+        if epoch is not None and self.masks is not None:
+            mask = self.masks(np.asarray([k]), epoch)[0]
+        if mask is None or not mask.any():  # every patch seen (patch_kd): one region read
             x, y = (int(v) for v in sw.origins[ref.window])
             patches = reader.read_window(x, y, self.grid)
         else:
-            patches = reader.read_batch(coords[~self.masks(np.asarray([k]), epoch)[0]])
+            patches = reader.read_batch(coords[~mask])
         item = {
             "patches": torch.from_numpy(patches),
             "coords": torch.from_numpy(coords),
