@@ -234,6 +234,37 @@ def run_seed(work: Path, seed: int, encoders: dict, args) -> None:
         atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
 
 
+def criterion(table: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
+    """Per tuned arm and budget: means over seeds, and the protocol's criterion (on every dev
+    seed student_gain_r2 > 0.02 and Δ student_teacher_r2 > 0.01)."""
+    t = table[table.student_lr_mult > 0].assign(
+        d_teacher=table.student_teacher_r2_after - table.student_teacher_r2_before,
+        d_context=table.student_context_r2_after - table.student_context_r2_before,
+    )
+    rows = []
+    for (arm, budget), g in t.groupby(["arm", "budget_steps"]):
+        complete = sorted(g.cohort_seed) == sorted(seeds)
+        moves = complete and bool(((g.student_gain_r2 > 0.02) & (g.d_teacher > 0.01)).all())
+        rows.append({"arm": arm, "budget_steps": budget, "seeds": len(g),
+                     "student_gain_r2": g.student_gain_r2.mean(), "d_teacher": g.d_teacher.mean(),
+                     "d_context": g.d_context.mean(), "moves_student": moves})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def pick_confirmation(crit: pd.DataFrame, top_budget: int) -> tuple[str, int, bool]:
+    """The protocol's rule: (arm, budget, whether it met the criterion)."""
+    mc = crit[crit.arm.str.startswith("mcmkd_")]
+    lr = mc.arm.map(lambda a: ARMS[a][1])
+    mc = mc.assign(lr=lr)
+    met = mc[mc.moves_student]
+    if len(met):
+        best = met.d_teacher.max()
+        near = met[met.d_teacher >= best - 0.005].sort_values(["budget_steps", "lr"])
+        return near.iloc[0].arm, int(near.iloc[0].budget_steps), True
+    top = mc[mc.budget_steps == top_budget].sort_values("d_teacher", ascending=False)
+    return top.iloc[0].arm, top_budget, False
+
+
 def report(work: Path, seeds: list[int], out: Path) -> pd.DataFrame:
     """The study's table and plot from every seed's rows (whatever has finished)."""
     frames = [pd.read_csv(rows_path(work, s)) for s in seeds if rows_path(work, s).is_file()]
@@ -271,6 +302,11 @@ def main() -> None:
             run_seed(work, seed, encoders, args)
     table = report(work, args.dev_seeds, Path(args.results or work))
     log("\n" + table.to_string(index=False, float_format="%.3f"))
+    crit = criterion(table, args.dev_seeds)
+    log("criterion (means over dev seeds):\n" + crit.to_string(index=False, float_format="%.3f"))
+    if len(crit):
+        arm, budget, met = pick_confirmation(crit, max(args.budgets))
+        log(f"confirmation (protocol rule): {arm} at {budget} steps; criterion met: {met}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 
 from .clam.formats import write_dataset_csv
 from .synthetic_tiff import write_pyramid
-from .utils import atomic_write_text, field_default, progress, save_config
+from .utils import atomic_write_text, check_output_path, field_default, progress, save_config
 
 LABELS = ("normal", "tumor")
 KINDS = ("blobs", "fields")
@@ -389,7 +389,7 @@ def make_cohort(
     )
     if cfg.n_slides < 1:
         raise ValueError("n_slides must be >= 1")
-    out = Path(out_dir)
+    out = check_output_path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)

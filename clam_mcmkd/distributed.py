@@ -149,6 +149,12 @@ def distributed_run(
     """The block runs in torchrun's process group (if launched by torchrun), and leaves it:
     yields (this rank's device, DistInfo)."""
     info = init_distributed(device, timeout_s=timeout_s)
+    if not info.enabled and str(device).startswith("cuda:"):
+        import torch
+
+        # the current device, before any loader's pin-memory thread opens a context (on GPU 0
+        # otherwise); under torchrun init_distributed binds each rank's own
+        torch.cuda.set_device(torch.device(device))
     try:
         yield rank_device(device, info), info
     finally:
@@ -247,6 +253,20 @@ def gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def from_main(make, info: DistInfo):
+    """`make()` run by rank 0 alone, its (picklable) result handed to every rank: one decision
+    where ranks could see different files (node-local disks) or the same files at different
+    moments (another rank already writing)."""
+    import torch.distributed as dist
+
+    if not (info.enabled and dist.is_initialized()):  # no group: nobody to hand it to
+        return make()
+    group, _ = _placement("cpu")
+    box = [make() if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

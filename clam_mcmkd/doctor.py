@@ -109,6 +109,7 @@ def add_gpus(report: DoctorReport) -> int:
     """One row per visible GPU; returns how many."""
     import torch
 
+    from .encoders.forward import bf16_supported
     from .utils import CudaProbe
 
     probe = CudaProbe.probe()
@@ -117,12 +118,53 @@ def add_gpus(report: DoctorReport) -> int:
         return 0
     for i in range(probe.device_count):
         p = torch.cuda.get_device_properties(i)
-        bf16 = p.major >= 8
+        bf16 = bf16_supported(f"cuda:{i}")  # what precision auto decides from
+        how = "yes" if bf16 else "no (auto: extraction fp16, fine-tuning float32)"
         report.add(
             "gpu", f"cuda:{i}", p.name, note=f"{p.total_memory / 2**30:.0f} GiB, "
-            f"compute {p.major}.{p.minor}, bf16 {'yes' if bf16 else 'no (fp16 autocast)'}",
+            f"compute {p.major}.{p.minor}, bf16 {how}",
         )  # fmt: skip
     return probe.device_count
+
+
+# A DataLoader worker hands each batch over in shared memory (/dev/shm), and holds
+# prefetch_factor (2) of them before the consumer takes one: uint8 256 px patches, at the
+# default sizes.
+PREFETCH = 2
+PATCH_BYTES = 256 * 256 * 3
+LOADER_BATCHES = {
+    "extraction": (256 * PATCH_BYTES, "batch 256"),  # extract-features --batch-size
+    "fine-tune": (32 * 16 * PATCH_BYTES, "32 windows of 4x4"),  # a finetune micro-batch
+}
+
+
+def shm_check(free_bytes: int | None, workers: int) -> tuple[bool, float, str]:
+    """(enough?, GiB needed, note) for loaders with `workers` reading processes."""
+    need = {k: b * max(workers, 1) * PREFETCH for k, (b, _) in LOADER_BATCHES.items()}
+    worst = max(need.values())
+    what = ", ".join(f"{k} ({LOADER_BATCHES[k][1]}) {v / 2**20:.0f} MiB"
+                     for k, v in need.items())  # fmt: skip
+    note = f"loaders with {workers} workers x prefetch {PREFETCH} hold {what}"
+    if free_bytes is None:
+        return True, worst / 2**30, f"no /dev/shm here; {note}"
+    ok = free_bytes >= worst
+    if not ok:
+        note += (f"; only {free_bytes / 2**20:.0f} MiB free: loader workers die with 'Bus error'. "
+                 "In Docker: --shm-size=8g or --ipc=host; else fewer --num-workers")  # fmt: skip
+    return ok, worst / 2**30, note
+
+
+def add_shm(report: DoctorReport, workers: int, path: str = "/dev/shm") -> None:
+    """/dev/shm's size and free space against what the loaders will hold."""
+    try:
+        st = os.statvfs(path)
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    except OSError:
+        total = free = None
+    ok, need, note = shm_check(free, workers)
+    value = None if total is None else round(total / 2**30, 3)
+    report.add("system", "/dev/shm", value, "GiB", ("ok: " if ok else "TOO SMALL: ") + note)
+    report.add("system", "/dev/shm needed", round(need, 3), "GiB", f"workers={workers}")
 
 
 # ----------------------------------------------------------------------------- probe set-up
@@ -183,14 +225,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_rate(step, per_call: int, seconds: float, device: str, max_calls: int = 10_000):
-    """Items/s of `step()` after one warm-up call, over at least `seconds` (and >= 2 calls)."""
+def timed_rate(
+    step, per_call: int, seconds: float, device: str, max_calls: int = 10_000, info=None
+):
+    """Items/s of `step()` after one warm-up call, over at least `seconds` (and >= 2 calls).
+
+    Under several ranks (`info`) every step is a collective, so the number of steps is agreed
+    first: rank 0 times one more step and decides for all. Ranks that each read their own
+    clock disagree by a step now and then, and one of them waits forever in a collective."""
+    from .distributed import DistInfo, from_main
+
+    info = info or DistInfo()
     step()
     _sync(device)
-    calls, t0 = 0, time.perf_counter()
-    while calls < max_calls and (calls < 2 or time.perf_counter() - t0 < seconds):
+    if not info.enabled:
+        calls, t0 = 0, time.perf_counter()
+        while calls < max_calls and (calls < 2 or time.perf_counter() - t0 < seconds):
+            step()
+            calls += 1
+    else:
+        t0 = time.perf_counter()
         step()
-        calls += 1
+        _sync(device)
+        one = time.perf_counter() - t0
+        todo = from_main(lambda: int(min(max_calls, max(2, seconds / max(one, 1e-9)))), info)
+        for _ in range(todo - 1):
+            step()
+        calls = todo
     _sync(device)
     return per_call * calls / (time.perf_counter() - t0)
 
@@ -274,7 +335,7 @@ def probe_finetune_step(sizes: ProbeSizes, device: str, info=None, teacher_dim: 
     def step():
         train_step(learner, itertools.repeat(batch), [mine], 0, sizes.windows, cfg, device, info)
 
-    return timed_rate(step, sizes.windows, sizes.seconds, device)
+    return timed_rate(step, sizes.windows, sizes.seconds, device, info=info)
 
 
 def _free_port() -> int:
@@ -304,7 +365,7 @@ def _allreduce_rank(rank: int, port: int, device: str, out_dir: str, numel: int)
 
     info, dev = _join_ranks(rank, port, device)
     grads = torch.ones(numel, dtype=torch.float32, device=dev)
-    calls = timed_rate(lambda: du.all_reduce_(grads, info), 1, 1.0, dev, max_calls=50)
+    calls = timed_rate(lambda: du.all_reduce_(grads, info), 1, 1.0, dev, max_calls=50, info=info)
     ranks = du.all_reduce_sum([1.0], info)[0]  # the CPU-side path, on the same group
     du.barrier(info)
     du.cleanup(info)
@@ -372,6 +433,7 @@ def run_doctor(
     if seconds is not None:
         sizes = replace(sizes, seconds=float(seconds))
     workers = default_num_workers()
+    add_shm(report, workers)
     where = "GPU bf16 + channels_last" if cuda else "CPU float32, small probe sizes"
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         jobs, e2e_jobs = make_probe_slide(Path(tmp), sizes)

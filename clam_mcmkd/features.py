@@ -25,6 +25,7 @@ from .distributed import (
     barrier,
     coords_patch_counts,
     distributed_run,
+    from_main,
     gather_objects,
     parse_shard,
     parse_timeout,
@@ -36,7 +37,7 @@ from .encoders.forward import autocast_dtype
 from .jobs import DONE, FAILED, Outcome, SlideFailed, run_slide_job
 from .patch_pipeline import SlideJob, default_num_workers, encode_cohort
 from .slides import count_outside, find_slide
-from .utils import ClamMcmkdError, RunSummary, resolve_device, save_config
+from .utils import ClamMcmkdError, RunSummary, check_output_path, resolve_device, save_config
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ExtractConfig:
     num_workers: int | None = None  # None: the cores this process may use, less one
     device: str = "auto"
     pretrained: bool = True
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, float32 on CPU
+    precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; CPU float32
     init_seed: int = 0  # weights of pretrained=False models (same in every rank/run)
     shard: str | None = None  # "I/N": this array job's part of the cohort (by patch count)
     dist_timeout: str = "2h"  # torchrun: how long a rank waits for the others
@@ -84,6 +85,7 @@ def slide_ids_for(cfg: ExtractConfig) -> list[str]:
 
 
 def _check_config(cfg: ExtractConfig) -> None:
+    check_output_path(cfg.feat_dir)
     if cfg.batch_size < 1:
         raise ClamMcmkdError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.num_workers is not None and cfg.num_workers < 0:
@@ -99,13 +101,22 @@ def _check_config(cfg: ExtractConfig) -> None:
 
 
 def my_slides(cfg: ExtractConfig, slide_ids: list[str], info: DistInfo) -> list[str]:
-    """This job's (``--shard``) and this rank's part of the cohort, balanced by patch count."""
+    """This job's (``--shard``) and this rank's part of the cohort, balanced by patch count.
+
+    Array jobs split by every slide's patches (jobs start at different moments and could not
+    agree on what is left: a slide could fall between two views); the ranks of a job split by
+    the patches still to extract, as rank 0 sees them (a resumed run stays balanced)."""
     sizes = coords_patch_counts([formats.coords_path(cfg.data_h5_dir, s) for s in slide_ids])
     if cfg.shard:
         index, count = parse_shard(cfg.shard)
         size_of = dict(zip(slide_ids, sizes))
         slide_ids = shard_of(slide_ids, index, count, sizes)
         sizes = [size_of[s] for s in slide_ids]
+    if info.enabled:
+        sizes = from_main(
+            lambda: [0 if _extracted_before(cfg, s) else n for s, n in zip(slide_ids, sizes)],
+            info,
+        )
     return shard(slide_ids, info, sizes)
 
 

@@ -32,7 +32,14 @@ import numpy as np
 
 from .clam import formats
 from .jobs import DONE, run_slide_job
-from .utils import ClamMcmkdError, RunSummary, atomic_path, resolve_device, save_config
+from .utils import (
+    ClamMcmkdError,
+    RunSummary,
+    atomic_path,
+    check_output_path,
+    resolve_device,
+    save_config,
+)
 
 CONFIG_NAME = "heatmap_config.json"
 SUMMARY_NAME = "heatmap_summary.json"
@@ -305,9 +312,24 @@ def heatmap_slide(cfg: HeatmapConfig, slide_id: str, model, class_names, norm) -
 # ----------------------------------------------------------------------------- run
 
 
+def check_config(cfg: HeatmapConfig) -> None:
+    """The drawing options, before any slide is drawn (they failed on every slide after the
+    work, with the config already written)."""
+    import matplotlib
+
+    if cfg.cmap not in matplotlib.colormaps:
+        raise HeatmapError(f"--cmap {cfg.cmap!r}: not a matplotlib colour map (e.g. jet, viridis)")
+    if cfg.thumb_max_size < 64:
+        raise HeatmapError(f"--thumb-max-size must be >= 64, got {cfg.thumb_max_size}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise HeatmapError(f"--alpha must be in [0, 1], got {cfg.alpha}")
+
+
 def run_heatmaps(cfg: HeatmapConfig) -> RunSummary:
     """Heatmaps for every selected slide; a bad slide is logged and skipped (see the summary)."""
-    out = Path(cfg.out)
+    out = check_output_path(cfg.out)
+    check_config(cfg)
+    device = resolve_device(cfg.device)  # first: a run that cannot start writes nothing
     df = formats.read_dataset_csv(cfg.csv_path, require_label=False)
     labels = dict(zip(df["slide_id"], df["label"])) if "label" in df.columns else {}
     ids = list(cfg.slide_ids or df["slide_id"])
@@ -318,7 +340,6 @@ def run_heatmaps(cfg: HeatmapConfig) -> RunSummary:
     norm = load_feature_norm(cfg.models_dir, cfg.fold)
     out.mkdir(parents=True, exist_ok=True)  # only once the model loads: a bad run writes nothing
     save_config(cfg, out / CONFIG_NAME)
-    device = resolve_device(cfg.device)
     model.to(device)
     summary = RunSummary("heatmap", extra={"model_type": model_type, "fold": cfg.fold})
     outcomes = run_slide_job(

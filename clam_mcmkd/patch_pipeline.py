@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .clam.formats import CoordsH5, read_coords_h5
-from .utils import ClamMcmkdError
+from .utils import ClamMcmkdError, OpenFiles
 
 log = logging.getLogger(__name__)
 READERS_PER_WORKER = 2  # the slide being read and the next one
@@ -141,19 +140,19 @@ class CohortPatchDataset:
                 self.units.append((j, -1))
             else:
                 self.units.extend((j, s) for s in range(0, rows, self.batch_size))
-        self._open: OrderedDict[int, tuple] = OrderedDict()  # job -> (reader, coords)
+        self._open = OpenFiles(READERS_PER_WORKER, self._open_job)  # job -> _OpenJob
         self._failed: dict[int, str] = {}
         self._pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.units)
 
-    def _slide(self, j: int):
+    def _slide(self, j: int) -> _OpenJob:
         if self._pid != os.getpid():  # a fresh worker: nothing inherited is ours
-            self._open, self._failed, self._pid = OrderedDict(), {}, os.getpid()
-        if j in self._open:
-            self._open.move_to_end(j)
-            return self._open[j]
+            self._failed, self._pid = {}, os.getpid()
+        return self._open.get(j)
+
+    def _open_job(self, j: int) -> _OpenJob:
         from .patch_loader import PatchReader
 
         job = self.jobs[j]
@@ -163,10 +162,7 @@ class CohortPatchDataset:
         if self.fast and not reader.is_fast:
             log.info("%s: read through OpenSlide (%s)", Path(job.slide_path).name,
                      reader.stats.fallback_reason)  # fmt: skip
-        self._open[j] = (reader, job.coords)
-        while len(self._open) > READERS_PER_WORKER:
-            self._open.popitem(last=False)[1][0].close()
-        return self._open[j]
+        return _OpenJob(reader, job.coords)
 
     def __getitem__(self, u: int) -> dict:
         import torch
@@ -177,7 +173,8 @@ class CohortPatchDataset:
         if self._pid == os.getpid() and j in self._failed:
             return {"job": j, "start": start, "error": self._failed[j]}
         try:
-            reader, coords = self._slide(j)
+            opened = self._slide(j)
+            reader, coords = opened.reader, opened.coords
             rows = coords[start : start + self.batch_size]
             patches = torch.from_numpy(reader.read_batch(rows))
             if self.transform is not None:
@@ -190,15 +187,23 @@ class CohortPatchDataset:
         return {"job": j, "start": start, "patches": patches, "coords": rows, "dimensions": dims}
 
     def close(self) -> None:
-        if self._pid == os.getpid():
-            for reader, _ in self._open.values():
-                reader.close()
-        self._open.clear()
+        self._open.close()
 
-    def __getstate__(self):  # workers get the recipe, never an open file
+    def __getstate__(self):  # workers get the recipe, never an open file (OpenFiles: empty)
         state = dict(self.__dict__)
-        state["_open"], state["_failed"], state["_pid"] = OrderedDict(), {}, None
+        state["_failed"], state["_pid"] = {}, None
         return state
+
+
+@dataclass
+class _OpenJob:
+    """A slide's reader and coords, open in one worker."""
+
+    reader: object  # PatchReader
+    coords: np.ndarray
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def _name_file(job: SlideJob, err: BaseException) -> str:

@@ -171,6 +171,8 @@ def open_slide(path: str | os.PathLike) -> Slide:
     """Open a slide with OpenSlide, else tiatoolbox; a file neither can read is a SlideError."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise SlideError(path, f"broken symbolic link (to {os.readlink(path)})")
         raise SlideError(path, "slide file does not exist")
     try:
         return OpenSlideSlide(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .clam import formats
-from .utils import ClamMcmkdError, save_config
+from .utils import ClamMcmkdError, check_output_path, save_config
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def _check_set_sizes(cfg: SplitConfig, unit_labels: np.ndarray, names: dict[int,
 
 def make_splits(cfg: SplitConfig) -> list[Path]:
     """Write ``splits_<i>.csv`` (+ ``_bool``, ``_descriptor``) for i < k and the config JSON."""
+    check_output_path(cfg.split_dir)
     if cfg.k < 1:
         raise SplitError(f"k must be >= 1, got {cfg.k}")
     for name in ("val_frac", "test_frac"):

@@ -36,7 +36,7 @@ from .clam.formats import (
 from .jobs import FAILED, SKIPPED, Outcome, SlideFailed, run_slide_job
 from .slides import Slide, SlideError, open_slide
 from .tissue import MASK_METHODS, mask_polygons, tissue_mask
-from .utils import ClamMcmkdError, RunSummary, atomic_path, save_config
+from .utils import ClamMcmkdError, RunSummary, atomic_path, check_output_path, save_config
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,10 @@ def list_slides(source: str | os.PathLike, slide_ext: list[str] | None = None) -
     files = [
         p
         for p in sorted(source.iterdir())
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(exts)
+        # a broken link is listed too: it fails in its slot (process_list.csv), not silently
+        if (p.is_file() or p.is_symlink())
+        and not p.name.startswith(".")
+        and p.name.lower().endswith(exts)
     ]
     if not files:
         raise ClamMcmkdError(f"{source}: no slides with extension(s) {', '.join(exts)}")
@@ -333,8 +336,8 @@ def write_process_list(path: Path, rows: list[dict]) -> None:
 def tile_slides(cfg: TileConfig) -> RunSummary:
     """Tile every slide in ``cfg.source``; bad slides are recorded and skipped."""
     _check_config(cfg)
+    save_dir = check_output_path(cfg.save_dir)
     slides = list_slides(cfg.source, cfg.slide_ext)
-    save_dir = Path(cfg.save_dir)
     (save_dir / "patches").mkdir(parents=True, exist_ok=True)
     (save_dir / "masks").mkdir(parents=True, exist_ok=True)
     _check_previous_config(save_dir, cfg)

@@ -11,6 +11,7 @@ import os
 import random
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,23 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_output_path(path: str | os.PathLike, *, folder: bool = True) -> Path:
+    """`path` as an output folder (or, `folder=False`, an output file) every command can write:
+    it may not exist yet, but it is not a file where a folder is wanted (or a folder where a
+    file is), and nothing above it is a file. One line naming it otherwise, before any work."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ClamMcmkdError(f"{path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise ClamMcmkdError(f"{path}: is a folder; give a file name inside it")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ClamMcmkdError(f"{path}: {parent} is a file, so nothing can be made in it")
+            break
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -203,6 +221,54 @@ class RunSummary:
         data = to_jsonable(self)
         data["seconds"] = round(self.seconds, 3)
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+class OpenFiles:
+    """At most `max_open` open handles (slide readers, h5 files) in this process, the least
+    recently used closed first: a worker that visits a 1,000-slide cohort holds a bounded
+    number of file handles and tile caches, not one per slide it ever read.
+
+    `opener(key)` opens, `value.close()` closes. A copy in another process (a forked or spawned
+    DataLoader worker) starts empty: handles never cross a process boundary.
+    """
+
+    def __init__(self, max_open: int, opener: Callable[[Any], Any]):
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
+        self.max_open = int(max_open)
+        self.opener = opener
+        self._open: OrderedDict[Any, Any] = OrderedDict()
+        self._pid = os.getpid()
+        self.opened = 0  # handles opened in this process (the tests and benchmarks read it)
+        self.peak = 0  # most handles open at once
+
+    def __len__(self) -> int:
+        return len(self._open) if self._pid == os.getpid() else 0
+
+    def get(self, key):
+        if self._pid != os.getpid():  # inherited by a fork: nothing here is ours to use
+            self._open, self._pid = OrderedDict(), os.getpid()
+        if key in self._open:
+            self._open.move_to_end(key)
+            return self._open[key]
+        while len(self._open) >= self.max_open:
+            self._open.popitem(last=False)[1].close()
+        value = self.opener(key)
+        self._open[key] = value
+        self.opened += 1
+        self.peak = max(self.peak, len(self._open))
+        return value
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for value in self._open.values():
+                value.close()
+        self._open.clear()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"], state["_pid"] = OrderedDict(), None
+        return state
 
 
 def progress(iterable=None, **kwargs):

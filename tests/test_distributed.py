@@ -255,7 +255,9 @@ def test_cuda_on_this_machine_names_what_was_found(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-@pytest.mark.parametrize("command", ["finetune", "train", "eval", "benchmark", "demo", "doctor"])
+@pytest.mark.parametrize(
+    "command", ["finetune", "train", "eval", "heatmap", "benchmark", "demo", "doctor"]
+)
 def test_every_device_option_is_checked_first(command, tmp_path):
     """--device cuda on this machine: every command that takes --device answers with one line
     naming what was found, before it reads or writes anything."""
@@ -273,6 +275,9 @@ def test_every_device_option_is_checked_first(command, tmp_path):
                  str(tmp_path / "models"), "--eval-dir", str(out)],
         "benchmark": ["--config", "demo", "--slides", str(tmp_path), "--labels", str(csv),
                       "--out", str(out)],
+        "heatmap": ["--models-dir", str(tmp_path / "models"), "--data-root-dir", str(tmp_path),
+                    "--data-h5-dir", str(tmp_path), "--data-slide-dir", str(tmp_path),
+                    "--csv-path", str(csv), "--out", str(out)],
         "demo": ["--out", str(out)],
         "doctor": [],
     }[command]  # fmt: skip

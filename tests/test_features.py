@@ -348,6 +348,20 @@ def test_timm_teacher_extracts_features(tiny_cohort, tmp_path):
     assert feats["s3"].shape == (13, 512) and np.isfinite(feats["s3"]).all()
 
 
+def test_bf16_autocast_extraction_runs_on_the_cpu(tiny_cohort, tmp_path):
+    """--precision bf16 runs bf16 autocast on the CPU (the GPU's default path, in the suite):
+    the features are close to float32's but not equal to them (bf16 did run)."""
+    for precision in ("fp32", "bf16"):
+        args = _cli_args(tiny_cohort, tmp_path / precision, "--precision", precision)
+        result = CliRunner().invoke(main, args)
+        assert "4 done, 0 skipped, 0 failed" in result.output, result.output
+    fp32, bf16 = _features(tmp_path / "fp32"), _features(tmp_path / "bf16")
+    for sid in fp32:
+        assert bf16[sid].dtype == np.float32 and not np.array_equal(bf16[sid], fp32[sid])
+        cos = (bf16[sid] * fp32[sid]).sum(1) / np.linalg.norm(bf16[sid], axis=1)
+        assert (cos / np.linalg.norm(fp32[sid], axis=1)).min() > 0.99
+
+
 def test_torchrun_two_ranks_match_one_process(tiny_cohort, tmp_path):
     single = tmp_path / "single"
     assert CliRunner().invoke(main, _cli_args(tiny_cohort, single)).exit_code == 0

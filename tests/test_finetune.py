@@ -38,6 +38,7 @@ from clam_mcmkd.mcmkd.windows import (
     slide_windows,
 )
 from clam_mcmkd.slides import open_slide
+from clam_mcmkd.utils import ClamMcmkdError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -471,30 +472,91 @@ def test_ragged_last_step_every_rank_runs_every_micro_batch(cohort_reference, tm
         torch.testing.assert_close(two[k], ref[k], rtol=1e-4, atol=1e-5)
 
 
-def test_no_freeze_bn_under_torchrun_finishes(cohort_reference, tmp_path):
-    """--no-freeze-bn with 2 ranks and a ragged last step: no crash (SyncBatchNorm only on
-    CUDA), no hang (every rank runs every micro-batch); BatchNorm statistics did update."""
-    cfg = cohort_reference
-    out = tmp_path / "bn.pt"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(29500 + (os.getpid() + 7) % 1000), "-m", "clam_mcmkd.cli",
-        "finetune", "--data-h5-dir", cfg.data_h5_dir, "--data-slide-dir", cfg.data_slide_dir,
-        "--csv-path", cfg.csv_path, "--slide-ext", ".tif", "--teacher", "resnet18",
-        "--teacher-input-size", "64", "--student", "resnet18_trunc", "--input-size", "64",
-        "--no-pretrained", "--grid", "2", "--batch-size", "4", "--grad-accum", "2",
-        "--predictor-width", "64", "--max-windows", "13", "--val-frac", "0.2",
-        "--max-val-windows", "8", "--teacher-cache", cfg.teacher_cache, "--out", str(out),
-        "--device", "cpu", "--no-freeze-bn", "--dist-timeout", "5m",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", CLAM_MCMKD_NO_PROGRESS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state = _student_state(out)
+def _node_local_rank(rank, cfg: dict, root: str) -> dict:
+    """One rank of a resumed run whose --out is on this rank's own disk (node-local)."""
+    finetune(FinetuneConfig(**dict(cfg, out=str(Path(root, f"node{rank}", "m.pt")))))
+    return {}
+
+
+def test_resume_with_a_node_local_out_under_two_ranks(cohort_reference, tmp_path):
+    """Defect 8 end to end: only rank 0's node has the state of the stopped run (rank 0 saves
+    it). Both ranks resume from it at the same step (each rank decided from its own disk
+    before, and the ranks fell out of step) and finish as the uninterrupted run does."""
+    from dataclasses import asdict
+
+    from test_distributed import run_two_ranks
+
+    base = replace(cohort_reference, epochs=1, dist_timeout="90s")
+    ref = replace(base, out=str(tmp_path / "ref.pt"))
+    finetune(ref)
+    finetune(replace(base, out=str(tmp_path / "node0" / "m.pt"), stop_after_steps=2))
+    (tmp_path / "node1").mkdir()
+    assert not output_paths(tmp_path / "node1" / "m.pt")["state"].exists()
+    run_two_ranks(_node_local_rank, tmp_path, cfg=asdict(replace(base, resume=True)),
+                  root=str(tmp_path))  # fmt: skip
+    history = json.loads(output_paths(tmp_path / "node0" / "m.pt")["final_metrics"].read_text())
+    assert history["world_size"] == 2
+    ref_state, resumed = _student_state(ref.out), _student_state(tmp_path / "node0" / "m.pt")
+    for k in ref_state:
+        torch.testing.assert_close(resumed[k], ref_state[k], rtol=1e-4, atol=1e-5)
+
+
+def _bn_rank(rank, cfg: dict) -> dict:
+    """One gloo rank of `finetune`: its student's BatchNorm running statistics at the end."""
+    from clam_mcmkd.mcmkd import steps
+
+    seen = {}
+    real = steps.forward_windows
+
+    def keep(learner, *args):
+        seen["student"] = learner.student
+        return real(learner, *args)
+
+    steps.forward_windows = keep
+    finetune(FinetuneConfig(**cfg))
+    stats = steps.bn_statistics(seen["student"])
+    return {"stats": [t.double().sum().item() for t in stats], "n": len(stats)}
+
+
+def test_no_freeze_bn_under_two_ranks_averages_statistics(cohort_reference, tmp_path):
+    """--no-freeze-bn with 2 CPU ranks and a ragged last step: no crash (SyncBatchNorm only on
+    CUDA), no hang (every rank runs every micro-batch); each rank normalises with its own batch
+    and the running statistics are averaged after every step: both ranks end with the same
+    ones, and they moved (with the averaging off, the ranks' statistics differ)."""
+    from dataclasses import asdict
+
+    from test_distributed import run_two_ranks
+
+    cfg = replace(cohort_reference, out=str(tmp_path / "bn.pt"), max_windows=13, epochs=1,
+                  grad_accum=2, freeze_bn=False)  # fmt: skip
+    ranks = run_two_ranks(_bn_rank, tmp_path, cfg=asdict(cfg))
+    assert ranks[0]["n"] == ranks[1]["n"] > 10
+    np.testing.assert_allclose(ranks[0]["stats"], ranks[1]["stats"], rtol=1e-6)
+    state = _student_state(cfg.out)
     init = create_encoder("resnet18_trunc", pretrained=False).model.state_dict()
     stats = [k for k in state if k.endswith("running_mean")]
     assert stats and all(not torch.equal(state[k], init[k]) for k in stats)
     assert all(torch.isfinite(state[k]).all() for k in state if state[k].is_floating_point())
+
+
+def test_bf16_autocast_training_runs_on_the_cpu(one_window, cmu_slide, tmp_path):
+    """--precision bf16 trains under bf16 autocast on the CPU too (the GPU default, in the
+    suite): finite losses, near float32's and not equal to them; the teacher cache records it."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = cmu_cfg(one_window, cmu_slide, tmp_path / precision / "m.pt", precision=precision,
+                      epochs=3, batch_size=1, val_frac=0.0,
+                      teacher_cache=str(tmp_path / precision / "cache"))  # fmt: skip
+        finetune(cfg)
+        import pandas as pd
+
+        losses[precision] = pd.read_csv(output_paths(cfg.out)["metrics"])["loss"].to_numpy()
+        cache = next((tmp_path / precision / "cache").glob("*.h5"))
+        with h5py.File(cache, "r") as f:
+            assert json.loads(f.attrs["teacher"])["precision"] == precision
+    assert np.isfinite(losses["bf16"]).all() and len(losses["bf16"]) == 3
+    assert not np.array_equal(losses["bf16"], losses["fp32"])
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05, atol=0.02)
 
 
 # ----------------------------------------------------------------------------- controls
@@ -800,13 +862,17 @@ def test_finetune_with_a_foundation_model_teacher_on_one_window(
 
 def test_a_run_that_fails_writing_leaves_no_outputs_behind(one_window, cmu_slide, tmp_path):
     out = tmp_path / "run" / "x.pt"
-    out.mkdir(parents=True)  # the checkpoint cannot be written where a directory is
+    # the final metrics cannot be written where a directory is (after the checkpoint, metrics,
+    # plot and summary were); an --out that is a directory is refused before any work instead
+    output_paths(out)["final_metrics"].mkdir(parents=True)
     cfg = cmu_cfg(one_window, cmu_slide, out, teacher_cache=str(tmp_path / "cache"))
     with pytest.raises(OSError):
         finetune(cfg)
-    for key in ("config", "metrics", "plot", "summary", "final_metrics"):
+    for key in ("checkpoint", "config", "metrics", "plot", "summary"):
         assert not output_paths(out)[key].exists(), key
     assert output_paths(out)["state"].is_file()  # what --resume needs stays
+    with pytest.raises(ClamMcmkdError, match="is a folder"):
+        finetune(replace(cfg, out=str(output_paths(out)["final_metrics"])))
 
 
 def test_offline_teacher_is_one_line_naming_the_ways_out(cmu_coords, cmu_slide, tmp_path,

@@ -87,6 +87,27 @@ def finetune_arms(cfg: BenchmarkConfig) -> list[ArmSettings]:
     return [a for a in cfg.arms if a.kind == "finetune"]
 
 
+def unknown_encoders(cfg: BenchmarkConfig) -> list[str]:
+    """Encoder names in the config (arms, teachers, the student) that no registry or timm knows:
+    found before any stage runs, not after tiling and extraction."""
+    import timm
+
+    from ..encoders import STUDENT_ARCHS, list_encoders
+
+    known = set(list_encoders())
+    names = {student_start(cfg).model}
+    for arm in cfg.arms:
+        if arm.kind in ("finetune", "teacher"):
+            names.add(teacher_of(cfg, arm).model)
+        if arm.kind in ("untuned", "teacher", "encoder"):
+            names.add(arm_encoder(cfg, arm, None).model)
+    bad = [n for n in sorted(names)
+           if n not in known and not n.startswith("hf-hub:") and not timm.is_model(n)]  # fmt: skip
+    if finetune_arms(cfg) and cfg.finetune.student not in STUDENT_ARCHS:
+        bad.append(f"{cfg.finetune.student} (student: one of {sorted(STUDENT_ARCHS)})")
+    return bad
+
+
 def missing_checkpoints(cfg: BenchmarkConfig) -> list[str]:
     """Checkpoint files the config names that do not exist (checked before any stage runs)."""
     paths = [student_start(cfg).ckpt]

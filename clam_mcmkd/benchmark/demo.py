@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_write_text, resolve_device
+from ..utils import atomic_write_text, check_output_path, resolve_device
 from .config import BenchmarkConfig, load_config, with_overrides
 from .proxy_pretrain import FitConfig
 
@@ -197,7 +197,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     cfg = resolve(cfg)
     resolve_device(cfg.device)  # before anything is made
-    out = Path(cfg.out)
+    out = check_output_path(cfg.out)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

@@ -24,8 +24,15 @@ from pathlib import Path
 from ..clam import formats
 from ..clam.runner import CLAM_EXTRACT_MODELS, CLAM_SCRIPTS, clam_extract, clam_task_for, clam_train
 from ..mil.models import get_mil_model, list_mil_models
-from ..utils import resolve_device
-from .arms import CHECKPOINT_ENCODERS, arm_encoder, arm_label, finetune_arms, missing_checkpoints
+from ..utils import check_output_path, resolve_device
+from .arms import (
+    CHECKPOINT_ENCODERS,
+    arm_encoder,
+    arm_label,
+    finetune_arms,
+    missing_checkpoints,
+    unknown_encoders,
+)
 from .arms import teacher_of as arm_teacher
 from .config import ArmSettings, BenchmarkConfig
 from .stages import BenchmarkError, Layout, Stages, save_if_changed, stage_seconds
@@ -41,6 +48,7 @@ def _check_inputs(cfg: BenchmarkConfig) -> None:
         if not getattr(cfg, key):
             raise BenchmarkError(f"the benchmark needs --{key}")
     resolve_device(cfg.device)  # a device this machine lacks: one line, before any stage runs
+    check_output_path(cfg.out)
     if not Path(cfg.slides).is_dir():
         raise BenchmarkError(f"{cfg.slides}: --slides is not a directory")
     if not Path(cfg.labels).is_file():
@@ -62,6 +70,9 @@ def _check_inputs(cfg: BenchmarkConfig) -> None:
                 f"'{cfg.mil.feature_norm}'; set it to none (--feature-norm none) or run without "
                 "--clam-dir"
             )
+    unknown = unknown_encoders(cfg)
+    if unknown:
+        raise BenchmarkError(f"unknown encoder(s) {unknown}: not registered, not timm models")
     missing = missing_checkpoints(cfg)
     if missing:
         raise BenchmarkError(f"{missing[0]}: checkpoint named by the config does not exist")

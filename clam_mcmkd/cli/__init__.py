@@ -26,6 +26,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ClamMcmkdError as err:
             raise click.ClickException(str(err)) from err
+        except click.BadParameter as err:  # a value out of range, an output that cannot be
+            if err.param is not None and err.param.opts:  # made: one line, no usage text
+                err.param_hint = f"'{err.param.opts[0]}'"
+            raise click.UsageError(err.format_message()) from err
 
 
 @click.group(

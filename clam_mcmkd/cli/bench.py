@@ -7,7 +7,7 @@ import click
 from ..benchmark.demo import DemoConfig
 from ..mil.config import FEATURE_NORMS
 from ..mil.models import list_mil_models
-from .options import config_option, option
+from .options import OUTPUT_FOLDER, config_option, option
 
 
 def _print_report(report) -> None:
@@ -28,7 +28,8 @@ def _print_report(report) -> None:
 @option("--slides", default=None, help="Directory with the slides.")
 @option("--labels", default=None,
         help="Dataset CSV: case_id, slide_id, label (camelyon16 also: split = train|test).")  # fmt: skip
-@option("--out", default=None, help="Output directory; a rerun resumes from what is in it.")
+@option("--out", default=None, type=OUTPUT_FOLDER,
+        help="Output directory; a rerun resumes from what is in it.")  # fmt: skip
 @option("--teacher", default=None,
         help="Teacher of the fine-tuned and teacher arms (a registered or timm name, e.g. "
         "uni_v1, uni2_h); default: the config's.")  # fmt: skip
@@ -76,7 +77,7 @@ def _names(text: str) -> list[str]:
 
 
 @click.command("demo")
-@config_option(DemoConfig, "out", help="Output directory.")
+@config_option(DemoConfig, "out", type=OUTPUT_FOLDER, help="Output directory.")
 @config_option(DemoConfig, "n_slides", help="Synthetic slides.")
 @config_option(DemoConfig, "size", help="Slide side, level-0 pixels.")
 @option("--smallest", is_flag=True, help="The smallest meaningful run (what CI runs).")

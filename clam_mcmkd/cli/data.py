@@ -9,11 +9,11 @@ from ..splits import SplitConfig
 from ..tiling import TileConfig
 from ..tissue import MASK_METHODS
 from ..utils import field_default
-from .options import config_option, label_dict_option, option
+from .options import OUTPUT_FOLDER, config_option, label_dict_option, option
 
 
 @click.command("make-cohort")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=OUTPUT_FOLDER)
 @config_option(CohortConfig, "n_slides", help="Number of slides.")
 @config_option(CohortConfig, "size", help="Slide side, level-0 px.")
 @config_option(CohortConfig, "seed")
@@ -32,10 +32,6 @@ def make_cohort_cmd(out_dir, n_slides, size, seed, positive_frac, tumor_frac, tu
     """Generate a seeded synthetic cohort: OUT_DIR/slides/*.tif and OUT_DIR/dataset.csv."""
     from ..cohort import make_cohort
 
-    if n_slides < 1 or size < 512:
-        raise click.BadParameter("need --n-slides >= 1 and --size >= 512")
-    if not 0.0 <= tumor_contrast <= 1.0:
-        raise click.BadParameter("--tumor-contrast must be in [0, 1]")
     csv_path = make_cohort(
         out_dir, n_slides=n_slides, size=size, seed=seed, positive_frac=positive_frac,
         tumor_frac=tumor_frac, tumor_contrast=tumor_contrast, mpp=mpp, kind=kind,
@@ -49,7 +45,7 @@ DEFAULT_MAG = field_default(TileConfig, "mag")
 
 @click.command("tile")
 @option("--source", required=True, type=click.Path(exists=True), help="Slide directory (or file).")
-@option("--save-dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@option("--save-dir", required=True, type=OUTPUT_FOLDER, help="Output directory.")
 @config_option(TileConfig, "patch_size", help="Pixels at target mag.")
 @config_option(TileConfig, "step_size", help="Grid step at target mag.")
 @option("--mag", type=float, default=None, help=f"Target magnification [default: {DEFAULT_MAG:g}].")
@@ -82,7 +78,7 @@ def tile_cmd(source, save_dir, patch_size, step_size, mag, mpp, min_tissue, mask
 
 @click.command("splits")
 @option("--csv-path", required=True, help="Dataset CSV (case_id, slide_id, label).")
-@option("--split-dir", required=True, help="Output folder for splits_<k>*.csv.")
+@option("--split-dir", required=True, type=OUTPUT_FOLDER, help="Output folder for splits_<k>*.csv.")
 @config_option(SplitConfig, "k", "--k", help="Number of folds.")
 @config_option(SplitConfig, "val_frac", help="Validation fraction per class.")
 @config_option(SplitConfig, "test_frac", help="Test fraction per class.")

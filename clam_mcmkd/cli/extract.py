@@ -9,6 +9,7 @@ import click
 
 from ..features import ExtractConfig
 from .options import (
+    OUTPUT_FOLDER,
     config_option,
     device_option,
     dist_timeout_option,
@@ -25,7 +26,8 @@ from .options import (
 @config_option(ExtractConfig, "slide_ext",
                help="Slide file extension, e.g. .svs (default: found per slide).")  # fmt: skip
 @option("--csv-path", default=None, help="CSV with a slide_id column (default: every coords h5).")
-@option("--feat-dir", required=True, help="Output: h5_files/ and pt_files/ go here.")
+@option("--feat-dir", required=True, type=OUTPUT_FOLDER,
+        help="Output: h5_files/ and pt_files/ go here.")  # fmt: skip
 @config_option(ExtractConfig, "model", "--model", "--model-name",
                help="Encoder: resnet50_trunc, mcmkd_resnet50, uni_v1, virchow, kaiko_vitb8, ... "
                "(see list-encoders) or any timm name.")  # fmt: skip

@@ -11,6 +11,8 @@ from ..mcmkd.config import OBJECTIVES, TARGETS, FinetuneConfig
 from ..mcmkd.losses import LOSSES
 from ..mcmkd.masking import MASK_STRATEGIES
 from .options import (
+    OUTPUT_FILE,
+    OUTPUT_FOLDER,
     config_option,
     device_option,
     dist_timeout_option,
@@ -69,7 +71,7 @@ def _opt(field: str, *names: str, **kwargs):
 @_opt("grad_clip", help="Gradient norm clip (0: off).")
 @option("--no-freeze-bn", is_flag=True,
         help="Update the student's BatchNorm statistics (frozen by default).")  # fmt: skip
-@option("--teacher-cache", default=None,
+@option("--teacher-cache", default=None, type=OUTPUT_FOLDER,
         help="Teacher-feature cache dir (default: <out>_teacher_cache/).")  # fmt: skip
 @option("--max-windows", default=None, type=int, help="Train on at most N windows (seeded choice).")
 @_opt("val_frac", help="Share of slides held out for validation.")
@@ -96,7 +98,7 @@ def _opt(field: str, *names: str, **kwargs):
 @precision_option(FinetuneConfig)
 @dist_timeout_option(FinetuneConfig)
 @_opt("seed")
-@option("--out", required=True, help="Output checkpoint, e.g. mcmkd_resnet50.pt.")
+@option("--out", required=True, type=OUTPUT_FILE, help="Output checkpoint, e.g. mcmkd_resnet50.pt.")
 def finetune_cmd(**kw) -> None:
     """MCM-KD: fine-tune the patch encoder to predict a teacher's features of masked patches.
 

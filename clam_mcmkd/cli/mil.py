@@ -10,6 +10,7 @@ from ..heatmap import HeatmapConfig
 from ..mil.config import FEATURE_NORMS, EvalConfig, TrainConfig
 from ..mil.models import MIL_LOSSES, SIZES, list_mil_models
 from .options import (
+    OUTPUT_FOLDER,
     config_option,
     device_option,
     label_dict_option,
@@ -41,7 +42,8 @@ def _opt(field: str, *names: str, **kwargs):
 @click.command("train")
 @_common_options(TrainConfig)
 @option("--split-dir", required=True, help="Folder with splits_<k>.csv (ours or CLAM's).")
-@option("--results-dir", default="./results", show_default=True, help="Results root.")
+@option("--results-dir", default="./results", show_default=True, type=OUTPUT_FOLDER,
+        help="Results root.")  # fmt: skip
 @option("--exp-code", required=True,
         help="Run name: results go to <results-dir>/<exp-code>_s<seed>.")  # fmt: skip
 @_opt("model_type", type=click.Choice(list_mil_models()),
@@ -104,7 +106,8 @@ def train_cmd(**kw):
 @click.command("eval")
 @_common_options(EvalConfig)
 @option("--models-dir", required=True, help="A train run dir with s_<k>_checkpoint.pt.")
-@option("--eval-dir", required=True, help="Output folder (summary.csv, predictions).")
+@option("--eval-dir", required=True, type=OUTPUT_FOLDER,
+        help="Output folder (summary.csv, predictions).")  # fmt: skip
 @option("--split-dir", default=None, help="Splits folder; without it every CSV slide is used.")
 @config_option(EvalConfig, "split", type=click.Choice(["train", "val", "test", "all"]))
 @option("--k", default=None, type=int, help="Number of folds (default: the run's).")
@@ -139,7 +142,8 @@ def _slide_ids(ctx, param, value):
 @option("--data-slide-dir", required=True, help="Directory with the slides (thumbnails).")
 @option("--csv-path", required=True, help="Dataset CSV: which slides, and their labels.")
 @_heat("slide_ext", help="Slide file extension, e.g. .svs (default: found per slide).")
-@option("--out", required=True, help="Output: <out>/<slide_id>/ PNG, GeoJSON, blockmap h5.")
+@option("--out", required=True, type=OUTPUT_FOLDER,
+        help="Output: <out>/<slide_id>/ PNG, GeoJSON, blockmap h5.")  # fmt: skip
 @option("--slide-ids", multiple=True, callback=_slide_ids,
         help="Only these slides (comma-separated or repeated; default: every CSV slide).")  # fmt: skip
 @_heat("cmap", help="Matplotlib colour map.")

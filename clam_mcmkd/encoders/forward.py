@@ -2,7 +2,8 @@
 
 Patches arrive as uint8 (B, H, W, 3); :func:`model_input` resizes and normalises them as one
 batch on the device (channels-last on CUDA, where convolutions are faster), and
-:func:`autocast` applies the precision option (``auto``: bf16 on CUDA, float32 on the CPU).
+:func:`autocast` applies the precision option (``auto``: bf16 on a GPU that has it, float32 on the
+CPU; ``bf16`` runs on the CPU too).
 torch is imported inside the functions, so ``PRECISIONS`` can be read without it.
 """
 
@@ -18,25 +19,53 @@ from ..utils import ClamMcmkdError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def autocast_dtype(device: str, precision: str = "auto"):
-    """The autocast dtype for a device and precision name (None: plain float32)."""
+def bf16_supported(device: str) -> bool:
+    """Whether `device` runs bf16 natively: the CPU (torch's kernels), a CUDA GPU of compute
+    capability >= 8 (Ampere on); older GPUs emulate it slowly or not at all."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return True  # no GPU to ask (a spec for a CUDA run made elsewhere): the modern default
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+
+
+def autocast_dtype(
+    device: str, precision: str = "auto", *, training: bool = False, bf16: bool | None = None
+):
+    """The autocast dtype for a device and precision name (None: plain float32).
+
+    ``auto``: bf16 on a CUDA GPU that has it, else fp16 for inference and float32 for training
+    (fp16 training needs loss scaling, which this project does not do: ``fp16`` with
+    ``training`` is refused); float32 on the CPU. ``bf16`` runs bf16 autocast on the CPU too
+    (the test suite's way to run that path). `bf16` overrides :func:`bf16_supported`.
+    """
     import torch
 
     if precision not in PRECISIONS:
         raise ClamMcmkdError(f"unknown precision '{precision}' (choices: {', '.join(PRECISIONS)})")
-    if precision == "fp32" or not str(device).startswith("cuda"):
+    if training and precision == "fp16":
+        raise ClamMcmkdError(
+            "--precision fp16 cannot train (no loss scaling: small gradients underflow to "
+            "zero); use bf16 (compute capability >= 8), fp32, or auto"
+        )
+    cuda = str(device).startswith("cuda")
+    if precision == "fp32" or (not cuda and precision != "bf16"):
         return None
+    if precision == "auto":
+        if bf16 if bf16 is not None else bf16_supported(device):
+            return torch.bfloat16
+        return None if training else torch.float16
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
-def autocast(device: str, precision: str = "auto"):
+def autocast(device: str, precision: str = "auto", *, training: bool = False):
     """Autocast context for `device` and `precision` (a no-op where it runs float32)."""
     import torch
 
-    dtype = autocast_dtype(device, precision)
+    dtype = autocast_dtype(device, precision, training=training)
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def prepare_encoder(encoder, device: str):

@@ -77,7 +77,7 @@ class FinetuneConfig:
     save_every: int = 50  # optimizer steps between resumable states
     stop_after_steps: int | None = None  # stop cleanly (resumable) after this many steps
     device: str = "auto"
-    precision: str = "auto"  # autocast on CUDA (auto: bf16); the CPU runs float32
+    precision: str = "auto"  # auto: bf16 where the GPU has it, else fp32; fp16 refused
     dist_timeout: str = "2h"  # torchrun: how long a rank waits for the others in a collective
     seed: int = 0
     progress: bool = True
@@ -119,9 +119,12 @@ def validate_config(cfg: FinetuneConfig) -> None:
     from ..distributed import parse_shard, parse_timeout
     from ..encoders import STUDENT_ARCHS, EncoderError
     from ..encoders.forward import autocast_dtype
+    from ..utils import check_output_path
     from .losses import LOSSES
     from .masking import MASK_STRATEGIES
 
+    check_output_path(cfg.out, folder=False)
+    check_output_path(teacher_cache_dir(cfg))
     if cfg.student not in STUDENT_ARCHS:
         raise EncoderError(
             f"unknown student '{cfg.student}': MCM-KD fine-tunes {sorted(STUDENT_ARCHS)}"
@@ -150,11 +153,15 @@ def validate_config(cfg: FinetuneConfig) -> None:
         )
     if any(int(s) < 1 for s in cfg.val_at_steps):
         raise FinetuneError(f"--val-at-steps must be >= 1, got {list(cfg.val_at_steps)}")
+    for name in ("max_windows", "save_every", "stop_after_steps", "teacher_batch_size"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0.0 <= cfg.val_frac < 1.0:
         raise FinetuneError(f"--val-frac must be in [0, 1), got {cfg.val_frac}")
     if cfg.teacher_ckpt is not None and not Path(cfg.teacher_ckpt).is_file():
         raise EncoderError(f"{cfg.teacher_ckpt}: teacher checkpoint does not exist")
-    autocast_dtype("cpu", cfg.precision)
+    autocast_dtype("cpu", cfg.precision, training=True)  # fp16 cannot train (no loss scaling)
     parse_timeout(cfg.dist_timeout)
     if cfg.shard:
         parse_shard(cfg.shard)

@@ -48,6 +48,26 @@ def save_state(path: Path, **state) -> None:
         torch.save({"format": STATE_FORMAT, **state}, tmp)
 
 
+def resume_state(path: Path, expected_fingerprint: dict, resume: bool, info) -> dict | None:
+    """The state to resume from (None: start), decided and read by rank 0 alone and handed to
+    every rank: with a node-local --out only rank 0's node has the file, and ranks that each
+    looked for themselves started at different steps. A refusal reaches every rank."""
+    from ..distributed import from_main
+
+    def read():
+        if not (resume and path.is_file()):
+            return None
+        try:
+            return load_state(path, expected_fingerprint)
+        except FinetuneError as err:
+            return {"error": str(err)}
+
+    state = from_main(read, info)
+    if state is not None and "error" in state:
+        raise FinetuneError(state["error"])
+    return state
+
+
 def load_state(path: Path, expected_fingerprint: dict) -> dict:
     state = load_checkpoint(
         path, what="resume state", error=FinetuneError, hint="; delete it to start over"

@@ -49,7 +49,10 @@ class Learner:
 
 
 class Batches:
-    """Which windows each rank loads for each micro-batch, from a given global step on."""
+    """Which windows each rank loads for each micro-batch, from a given global step on.
+
+    An epoch's shuffled order is computed once and kept (O(windows) per epoch, not per step:
+    at 1M windows a per-step shuffle costs ~57 ms, half an hour of idle devices an epoch)."""
 
     def __init__(self, n_train: int, cfg: FinetuneConfig, info: DistInfo):
         self.n = n_train
@@ -57,10 +60,19 @@ class Batches:
         self.info = info
         self.steps_per_epoch = math.ceil(n_train / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        # the last two epochs' orders: the loader's sampler runs a few steps ahead of training
+        self._orders: dict[int, np.ndarray] = {}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = epoch_order(self.n, self.cfg.seed, epoch)
+        return self._orders[epoch]
 
     def step_windows(self, step: int) -> tuple[int, np.ndarray]:
         epoch, s = divmod(step, self.steps_per_epoch)
-        order = epoch_order(self.n, self.cfg.seed, epoch)
+        order = self.epoch_order(epoch)
         return epoch, order[s * self.cfg.batch_size : (s + 1) * self.cfg.batch_size]
 
     def micro_batches(self, step: int) -> tuple[int, int, list[np.ndarray]]:
@@ -70,22 +82,38 @@ class Batches:
         return epoch, len(chunk), [m[self.info.rank :: self.info.world_size] for m in micro]
 
 
-def make_loader(dataset, index_lists, num_workers: int, pin_memory: bool = False):
+class StepRange:
+    """Steps [start, end) of a run, planned lazily (nothing held per step): iterating gives
+    this rank's non-empty micro-batches as index lists, in order (a DataLoader batch sampler);
+    :meth:`steps` gives (step, epoch, windows in the step, micro-batches)."""
+
+    def __init__(self, batches: Batches, start: int, end: int):
+        self.batches, self.start, self.end = batches, start, end
+
+    def steps(self):
+        for step in range(self.start, self.end):
+            yield (step, *self.batches.micro_batches(step))
+
+    def __iter__(self):  # (window, epoch) items: the dataset reads the visible patches only
+        for _, epoch, _, micro in self.steps():
+            yield from ([(int(i), epoch) for i in ix] for ix in micro if len(ix))
+
+
+def make_loader(dataset, batch_sampler, num_workers: int, pin_memory: bool = False):
     """One loader over the given batches, in order (reading workers prefetch across steps)."""
-    lists = [list(map(int, ix)) for ix in index_lists if len(ix)]
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=lists,
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=pin_memory,
     )
 
 
-def micro_batch_stream(loader, index_lists, empty: dict):
+def micro_batch_stream(loader, micro_lists, empty: dict):
     """One batch per micro-batch, in order: the loader's for a rank's windows, `empty` (0
     windows) where the rank has none, so every rank runs every forward and collective."""
-    for ix in index_lists:
+    for ix in micro_lists:
         yield next(loader) if len(ix) else empty
 
 
@@ -95,6 +123,30 @@ def empty_batch(patch_size: int, grid: int, teacher_dim: int) -> dict:
         "patches": torch.zeros((0, grid * grid, patch_size, patch_size, 3), dtype=torch.uint8),
         "teacher": torch.zeros((0, grid * grid, teacher_dim)),
     }
+
+
+class Float32SyncBatchNorm(nn.SyncBatchNorm):
+    """SyncBatchNorm fed float32, whatever autocast makes of its input.
+
+    A rank with 0 windows sends its statistics in its input's dtype, ranks with data send
+    float32 (ATen's CUDA batch-norm statistics of bf16/fp16 input are float32): under autocast
+    the all-gather sizes differ ("Received data size doesn't match expected size"). In float32
+    they agree; the output goes back to the input's dtype."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dtype == torch.float32:
+            return super().forward(input)
+        with torch.autocast(input.device.type, enabled=False):
+            return super().forward(input.float()).to(input.dtype)
+
+
+def sync_batch_norm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm a :class:`Float32SyncBatchNorm` (same state dict keys)."""
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if type(m) is nn.SyncBatchNorm:
+            m.__class__ = Float32SyncBatchNorm
+    return module
 
 
 def set_student_mode(student: nn.Module, freeze_bn: bool) -> None:
@@ -130,17 +182,24 @@ def forward_windows(
     learner: Learner, batch: dict, mask: torch.Tensor, device: str, precision: str
 ) -> torch.Tensor:
     """Student on each visible patch alone, then the predictor on the window: (B, g^2, Dt)."""
-    patches = batch["patches"]  # (B, g^2, P, P, 3) uint8, on the CPU like the mask
+    patches = batch["patches"]  # (B, g^2 or n_vis, P, P, 3) uint8, on the CPU like the mask
     b = patches.shape[0]
     # the visible patches (B * n_vis, P, P, 3), row-major within each window; the indices come
     # from the CPU-side mask, so the device never has to count a boolean mask
     keep = torch.nonzero(~mask.reshape(-1)).squeeze(1)
     flat = patches.reshape(-1, *patches.shape[2:])
-    visible = to_device(flat, device).index_select(0, to_device(keep, device))
+    if patches.shape[1] == mask.shape[1]:  # whole windows: pick the visible patches
+        visible = to_device(flat, device).index_select(0, to_device(keep, device))
+    else:  # the loader read the visible patches only
+        visible = to_device(flat, device)
     x = model_input(visible, learner.student_tf, device)
-    with autocast(device, precision):
-        tokens = learner.student(x)
-        tokens = tokens.reshape(b, len(keep) // max(b, 1), learner.student.out_dim)
+    with autocast(device, precision, training=True):
+        tokens = learner.student(x)  # an empty rank too: SyncBatchNorm's collectives run here
+        if b == 0:  # no predictor on 0 windows: flash attention raised "batch size must be
+            # positive" before torch 2.6 (pytorch#133780); the output keeps the student's graph
+            width = learner.predictor.head.out_features
+            return tokens.float().sum() * 0.0 + tokens.new_zeros((0, mask.shape[1], width)).float()
+        tokens = tokens.reshape(b, len(keep) // b, learner.student.out_dim)
         return learner.predictor(tokens, to_device(mask, device)).float()
 
 
@@ -212,7 +271,7 @@ def evaluate(
     sums = torch.zeros(4 + 4 + int(mean.numel()), dtype=torch.float64, device=device)
     for start in range(0, len(idx), max(1, cfg.batch_size)):
         ix = idx[start : start + cfg.batch_size]
-        batch = torch.utils.data.default_collate([dataset[int(i)] for i in ix])
+        batch = torch.utils.data.default_collate([dataset[(int(i), VAL_MASK_EPOCH)] for i in ix])
         mask = torch.from_numpy(input_masks(cfg, ix, VAL_MASK_EPOCH))
         z_pred = forward_windows(learner, batch, mask, device, cfg.precision)
         pred = learner.standardizer.inverse(z_pred)

@@ -26,7 +26,8 @@ import numpy as np
 
 from ..encoders import Encoder, PatchTransforms, create_encoder, weights_source
 from ..encoders.forward import autocast_dtype
-from ..utils import ClamMcmkdError, atomic_path, progress
+from ..utils import ClamMcmkdError, OpenFiles, atomic_path, progress
+from .windows import SLIDES_OPEN_PER_WORKER
 
 CACHE_FORMAT = "clam_mcmkd.teacher_cache/2"
 _FIX = "delete {dir} or use a new --teacher-cache"
@@ -294,6 +295,19 @@ def fill_cache(
     return stats
 
 
+def missing_counts(
+    cache: TeacherCache, slides: list, items: list[tuple[int, list[int]]], grid: int
+) -> list[int]:
+    """Patches of each (slide, windows) item not in the cache yet: the work left to share."""
+    counts = []
+    for s, windows in items:
+        sw = slides[s]
+        have = {(int(x), int(y)) for x, y in cache.read_index(sw)}
+        want = {(int(x), int(y)) for w in windows for x, y in sw.patch_coords(w, grid)}
+        counts.append(len(want - have))
+    return counts
+
+
 class CacheReader:
     """Looks teacher features up by level-0 coords; h5 files opened lazily (one per worker)."""
 
@@ -306,7 +320,10 @@ class CacheReader:
             coords = cache.read_index(sw)
             self.paths[s] = str(cache.path(sw.slide_id))
             self.rows[s] = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
-        self._files: dict[int, h5py.File] = {}
+        self._files = OpenFiles(SLIDES_OPEN_PER_WORKER, self._open_file)
+
+    def _open_file(self, s: int) -> h5py.File:
+        return h5py.File(self.paths[s], "r")
 
     def features(self, s: int, coords: np.ndarray) -> np.ndarray:
         try:
@@ -315,11 +332,9 @@ class CacheReader:
             raise TeacherCacheError(
                 f"{self.paths.get(s)}: no cached teacher feature for patch {err.args[0]}"
             ) from err
-        if s not in self._files:
-            self._files[s] = h5py.File(self.paths[s], "r")
         order = np.argsort(rows)
         uniq, inverse = np.unique(rows[order], return_inverse=True)
-        block = self._files[s]["features"][uniq]
+        block = self._files.get(s)["features"][uniq]
         out = np.empty((len(rows), block.shape[1]), dtype=np.float32)
         out[order] = block[inverse]
         return out
@@ -328,15 +343,8 @@ class CacheReader:
         with h5py.File(self.paths[s], "r") as f:
             return np.asarray(f["features"][:], dtype=np.float32)
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_files"] = {}
-        return state
-
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        self._files.close()
 
 
 def teacher_stats(reader: CacheReader, slides: list, by_slide: dict[int, list[int]], grid: int):

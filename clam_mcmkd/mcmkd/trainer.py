@@ -16,16 +16,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
     distributed_run,
+    from_main,
     parse_shard,
     parse_timeout,
     shard,
@@ -38,14 +39,15 @@ from ..patch_pipeline import default_num_workers
 from ..utils import RunSummary, progress, resolve_device
 from .config import FinetuneConfig, output_paths, teacher_cache_dir, validate_config
 from .losses import TargetStandardizer
-from .objectives import ShamReader, build_predictor
+from .objectives import ShamReader, build_predictor, input_masks
 from .outputs import run_metrics, write_run_outputs
 from .planning import WindowPlan, plan_windows, windows_by_slide
 from .probes import student_probes
-from .state import fingerprint, load_state, rng_state, save_state, set_rng_state
+from .state import fingerprint, resume_state, rng_state, save_state, set_rng_state
 from .steps import (
     Batches,
     Learner,
+    StepRange,
     build_optimizer,
     empty_batch,
     evaluate,
@@ -53,6 +55,7 @@ from .steps import (
     make_loader,
     micro_batch_stream,
     set_student_mode,
+    sync_batch_norm,
     train_step,
 )
 from .teacher_cache import (
@@ -60,6 +63,7 @@ from .teacher_cache import (
     TeacherCache,
     build_teacher,
     fill_cache,
+    missing_counts,
     teacher_spec,
     teacher_stats,
 )
@@ -146,9 +150,10 @@ def cache_work(cfg: FinetuneConfig, plan: WindowPlan) -> list[tuple[int, list[in
 def fill_teacher_cache(
     cfg: FinetuneConfig, plan: WindowPlan, device: str, info: DistInfo
 ) -> tuple[TeacherCache, dict]:
-    """Teacher features computed at most once per patch: each rank (and each ``--shard``)
-    fills its share of the cache, by patch count; the teacher is built only when some patch is
-    not cached. Returns the cache and the counts summed over ranks."""
+    """Teacher features computed at most once per patch: each ``--shard`` fills its share of
+    the cache (by window count), each rank its share of that (by the patches still missing);
+    the teacher is built only when some patch is not cached. Returns the cache and the counts
+    summed over ranks."""
     cache_dir = teacher_cache_dir(cfg)
     built: dict = {}
 
@@ -166,7 +171,11 @@ def fill_teacher_cache(
     )  # fmt: skip
     cache = TeacherCache(cache_dir, spec)
     items = cache_work(cfg, plan)
-    mine = dict(shard(items, info, sizes=[len(windows) for _, windows in items]))
+    # ranks share the patches still to compute (rank 0 counts them, before anyone writes)
+    left = None
+    if info.enabled:
+        left = from_main(lambda: missing_counts(cache, plan.slides, items, cfg.grid), info)
+    mine = dict(shard(items, info, sizes=left))
     show = cfg.progress and info.is_main
     stats = fill_cache(cache, plan.slides, mine, cfg.grid, make_teacher, device,
                        cfg.teacher_batch_size, show_progress=show,
@@ -216,7 +225,7 @@ def build(
     average_bn = False
     if not cfg.freeze_bn and info.enabled:
         if str(device).startswith("cuda"):  # SyncBatchNorm raises on CPU tensors
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            student = sync_batch_norm(student)  # in float32: see Float32SyncBatchNorm
         else:
             average_bn = True
             if info.is_main:
@@ -232,8 +241,9 @@ def build(
     learner = Learner(
         student, student_enc.transforms, predictor, standardizer, optimizer, scheduler, average_bn
     )
-    train_set = WindowDataset(plan.slides, plan.train, cfg.grid, teacher=targets.reader)
-    val_set = WindowDataset(plan.slides, plan.val, cfg.grid, teacher=targets.reader)
+    masks = partial(input_masks, cfg)  # the loader reads the visible patches only
+    train_set = WindowDataset(plan.slides, plan.train, cfg.grid, targets.reader, masks)
+    val_set = WindowDataset(plan.slides, plan.val, cfg.grid, targets.reader, masks)
     empty = empty_batch(plan.slides[0].patch_size, cfg.grid, targets.dim)
     return Run(learner, student_enc.out_dim, batches, train_set, val_set, empty, targets.mean)
 
@@ -253,8 +263,8 @@ def restore(
     """Continue an interrupted run exactly (``--resume``), else start: validate before training."""
     prog = Progress(fingerprint(cfg, plan))
     learner = run.learner
-    if cfg.resume and paths["state"].is_file():
-        state = load_state(paths["state"], prog.fingerprint)
+    state = resume_state(paths["state"], prog.fingerprint, cfg.resume, info)
+    if state is not None:
         learner.student.load_state_dict(state["student"])
         learner.predictor.load_state_dict(state["predictor"])
         learner.optimizer.load_state_dict(state["optimizer"])
@@ -297,14 +307,15 @@ def train_steps(
     bar = progress(total=total, initial=start, desc=desc, unit="step",
                    **({} if show else {"disable": True}))  # fmt: skip
     t0 = time.perf_counter()
-    # one loader for the whole run, so reading workers prefetch across optimizer steps
-    step_plan = [run.batches.micro_batches(s) for s in range(start, end)]
-    lists = [m for *_, micro in step_plan for m in micro]
+    # one loader for the whole run, so reading workers prefetch across optimizer steps; the
+    # steps are planned lazily, each epoch's order once
+    steps = StepRange(run.batches, start, end)
     cuda = str(device).startswith("cuda")
-    loader = iter(make_loader(run.train_set, lists, reading_workers(cfg, info), pin_memory=cuda))
-    stream = micro_batch_stream(loader, lists, run.empty)
+    loader = iter(make_loader(run.train_set, steps, reading_workers(cfg, info), pin_memory=cuda))
+    stream = micro_batch_stream(loader, (m for *_, micro in steps.steps() for m in micro),
+                                run.empty)  # fmt: skip
     pending: list = []  # history rows whose loss is still a device tensor
-    for step, (epoch, n_step, micro) in zip(range(start, end), step_plan):
+    for step, epoch, n_step, micro in steps.steps():
         loss, lrs = train_step(learner, stream, micro, epoch, n_step, cfg, device, info)
         prog.step, prog.windows_seen = step + 1, prog.windows_seen + n_step
         rate = prog.windows_seen / max(time.perf_counter() - t0, 1e-9)

@@ -23,9 +23,13 @@ import torch
 from ..clam.formats import CoordsH5
 from ..patch_loader import PatchReader
 from ..slides import Slide
-from ..utils import ClamMcmkdError
+from ..utils import ClamMcmkdError, OpenFiles
 
 log = logging.getLogger("clam_mcmkd.mcmkd")
+# Per reading process: windows come in shuffled order, so a tile cache is rarely hit across
+# windows; a few slides open with small caches bound the handles and memory of any cohort.
+SLIDES_OPEN_PER_WORKER = 8
+READER_CACHE_BYTES = 32 * 2**20
 
 
 class NoWindowsError(ClamMcmkdError):
@@ -117,30 +121,48 @@ class WindowRef:
 class WindowDataset(torch.utils.data.Dataset):
     """Windows as uint8 patch stacks plus their level-0 coords, read through the slide's own
     JPEG tiles (:meth:`PatchReader.read_window`, equal to :func:`read_window`, several times
-    faster than OpenSlide's ``read_region``); slides opened once per worker."""
+    faster than OpenSlide's ``read_region``). Each process keeps at most
+    ``SLIDES_OPEN_PER_WORKER`` slides open (least recently used closed first), each with a
+    ``READER_CACHE_BYTES`` tile cache: a shuffled epoch over thousands of slides holds bounded
+    file handles and memory."""
 
-    def __init__(self, slides: list[SlideWindows], refs: list[WindowRef], grid: int, teacher=None):
+    def __init__(
+        self, slides: list[SlideWindows], refs: list[WindowRef], grid: int, teacher=None,
+        masks=None,
+    ):  # fmt: skip
         self.slides = slides
         self.refs = list(refs)
         self.grid = grid
         self.teacher = teacher  # a teacher_cache.CacheReader, or None
-        self._open: dict[int, PatchReader] = {}
+        self.masks = masks  # masks(window indices, epoch) -> (B, g^2) bool, True = masked
+        self.readers = OpenFiles(SLIDES_OPEN_PER_WORKER, self._open_reader)
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def _reader(self, i: int) -> PatchReader:
-        if i not in self._open:
-            sw = self.slides[i]
-            self._open[i] = PatchReader(sw.slide_path, sw.patch_level, sw.patch_size)
-        return self._open[i]
+    def _open_reader(self, i: int) -> PatchReader:
+        sw = self.slides[i]
+        return PatchReader(
+            sw.slide_path, sw.patch_level, sw.patch_size, cache_bytes=READER_CACHE_BYTES
+        )
 
-    def __getitem__(self, k: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        """Window `key` whole (an int), or ``(k, epoch)``: only the patches its mask of that
+        epoch leaves visible, row-major (n_vis, P, P, 3): the student never sees the others,
+        and their teacher features are cached, so reading them is wasted work."""
+        k, epoch = key if isinstance(key, tuple) else (key, None)
         ref = self.refs[k]
         sw = self.slides[ref.slide]
-        x, y = (int(v) for v in sw.origins[ref.window])
-        patches = self._reader(ref.slide).read_window(x, y, self.grid)
         coords = sw.patch_coords(ref.window, self.grid)
+        reader = self.readers.get(ref.slide)
+        mask = None
+        if epoch is not None and self.masks is not None:
+            mask = self.masks(np.asarray([k]), epoch)[0]
+        if mask is None or not mask.any():  # every patch seen (patch_kd): one region read
+            x, y = (int(v) for v in sw.origins[ref.window])
+            patches = reader.read_window(x, y, self.grid)
+        else:
+            patches = reader.read_batch(coords[~mask])
         item = {
             "patches": torch.from_numpy(patches),
             "coords": torch.from_numpy(coords),
@@ -151,15 +173,8 @@ class WindowDataset(torch.utils.data.Dataset):
             item["teacher"] = torch.from_numpy(self.teacher.features(ref.slide, coords))
         return item
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_open"] = {}  # slide handles do not cross process boundaries
-        return state
-
     def close(self) -> None:
-        for reader in self._open.values():
-            reader.close()
-        self._open.clear()
+        self.readers.close()
         if self.teacher is not None:
             self.teacher.close()
 

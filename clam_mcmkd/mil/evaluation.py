@@ -12,7 +12,7 @@ import torch
 
 from ..clam import formats
 from ..splits import canonical_labels
-from ..utils import ClamMcmkdError, progress, resolve_device, save_config
+from ..utils import ClamMcmkdError, check_output_path, progress, resolve_device, save_config
 from .config import EvalConfig
 from .data import (
     Bag,
@@ -104,6 +104,7 @@ def _load_fold_model(cfg: EvalConfig, fold: int, n_classes: int, embed_dim: int)
 def evaluate(cfg: EvalConfig) -> Path:
     """Evaluate saved fold checkpoints; writes summary.csv, per-fold predictions and pkl."""
     resolve_device(cfg.device)  # a device this machine lacks: before anything is read
+    check_output_path(cfg.eval_dir)
     models_dir = Path(cfg.models_dir)
     run = run_config(models_dir)
     cfg = _with_run_defaults(cfg, run)

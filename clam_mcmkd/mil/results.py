@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..clam import formats
-from ..utils import atomic_path, atomic_write_text
+from ..utils import ClamMcmkdError, atomic_path, atomic_write_text
 
 TRAIN_CONFIG_NAME = "train_config.json"
 EVAL_CONFIG_NAME = "eval_config.json"
@@ -153,4 +153,12 @@ def saved_metrics(run_dir: Path, fold: int) -> dict | None:
 def run_config(models_dir: Path) -> dict:
     """A train run's saved config, or {} (a run of CLAM's own main.py has none)."""
     path = Path(models_dir) / TRAIN_CONFIG_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ClamMcmkdError(f"{path}: not a readable train config ({err}); train again") from None
+    if not isinstance(config, dict):
+        raise ClamMcmkdError(f"{path}: not a train config (a JSON object); train again")
+    return config

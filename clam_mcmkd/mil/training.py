@@ -21,7 +21,14 @@ import torch
 
 from ..clam import formats
 from ..splits import canonical_labels
-from ..utils import ClamMcmkdError, progress, resolve_device, save_config, seed_everything
+from ..utils import (
+    ClamMcmkdError,
+    check_output_path,
+    progress,
+    resolve_device,
+    save_config,
+    seed_everything,
+)
 from .config import TrainConfig
 from .data import (
     BagStore,
@@ -175,6 +182,7 @@ def train(cfg: TrainConfig) -> Path:
     ``<exp_code>_baseline`` beside this run.
     """
     base = get_mil_model(cfg.model_type).mhim_base  # an unknown name fails before any data is read
+    check_output_path(cfg.results_dir)
     if base:
         check_mhim_config(cfg)
         if cfg.mhim_teacher_init is None:
