@@ -77,6 +77,17 @@ RANGES: dict[str, click.ParamType] = {
     **dict.fromkeys(("val_frac", "test_frac", "drop_out"), _fraction(open_high=True)),
     **dict.fromkeys(("tumor_frac", "label_frac"), _fraction(open_low=True)),
     "mask_ratio": _fraction(open_low=True, open_high=True),
+    # student probes (finetune)
+    "probe_alpha": _POSITIVE,
+    "val_at_steps": _at_least(1),
+    # MHIM-MIL (train): as mil.mhim.check_mhim_config
+    **dict.fromkeys(
+        ("mhim_mask_ratio", "mhim_mask_ratio_l", "mhim_mask_ratio_h"), _fraction(open_high=True)
+    ),  # fmt: skip
+    "mhim_mask_ratio_hr": _fraction(open_low=True),
+    "mhim_momentum": _fraction(),
+    "mhim_cl_alpha": _NON_NEGATIVE,
+    **dict.fromkeys(("mhim_temp_t", "mhim_temp_s"), _POSITIVE),
 }
 UNBOUNDED = {"seed", "init_seed"}  # numeric options any value of which is fine
 
