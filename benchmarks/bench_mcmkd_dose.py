@@ -109,18 +109,18 @@ def run_arm(root: Path, tune_csv: Path, arm: str, budgets: list[int], encoders: 
     out = root / "dose" / f"{arm}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     teacher = encoders[args.teacher_encoder]
-    cfg = FinetuneConfig(
+    settings = dict(
         data_h5_dir=str(root / "tiles"), data_slide_dir=str(root / "cohort" / "slides"),
         csv_path=str(tune_csv), slide_ext=".tif", out=str(out), teacher="checkpoint",
         teacher_ckpt=str(teacher), teacher_cache=str(root / "dose" / f"cache_{teacher.stem}"),
         student="resnet18_trunc", student_ckpt=str(encoders["baseline"]), input_size=64,
         pretrained=False, grid=3, window_overlap=True, batch_size=BATCH, lr=1e-3,
-        student_lr_mult=lr_mult, val_frac=0.1, max_val_windows=128, predictor_width=128,
+        student_lr_mult=lr_mult, val_frac=0.1, max_val_windows=128, predictor_width=128, predictor_depth=2,
         warmup_frac=WARMUP_STEPS / total, min_lr_ratio=1.0,  # constant lr after warm-up
         val_at_steps=tuple(sorted(b for b in budgets if b < total)),
         device="cpu", progress=False, resume=True, num_workers=0, save_every=100,
-        **{k: v for k, v in SETTINGS[setting].items()},
     )  # fmt: skip
+    cfg = FinetuneConfig(**{**settings, **SETTINGS[setting]})  # the setting overrides
     metrics_path = output_paths(out)["final_metrics"]
     started = time.perf_counter()
     if not metrics_path.is_file():
@@ -187,8 +187,8 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     for ax, (col, title) in zip(axes, panels):
         for arm, g in df[df.student_lr_mult > 0].groupby("arm"):
             mean = g.groupby("budget_steps")[col].mean()
-            ax.plot(mean.index, mean.values, marker="o", label=arm)
-            ax.scatter(g.budget_steps, g[col], s=10, alpha=0.5)
+            (line,) = ax.plot(mean.index, mean.values, marker="o", label=arm)
+            ax.scatter(g.budget_steps, g[col], s=10, alpha=0.5, color=line.get_color())
         ax.axhline(0, color="k", lw=0.7)
         ax.set_xscale("log")
         ax.set_xlabel("fine-tune budget (optimizer steps of 8 windows)")
