@@ -146,10 +146,10 @@ def run_arm(root: Path, tune_csv: Path, arm: str, budgets: list[int], encoders: 
     return rows
 
 
-def dose_table(rows: list[dict]) -> pd.DataFrame:
+def dose_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (arm, budget, seed) with the study's columns; student_gain_r2 against the
     frozen twin of the same setting, seed and budget."""
-    df = pd.DataFrame(rows)
+    df = df.copy()
     frozen = df[df.student_lr_mult == 0].set_index(["setting", "budget_steps", "cohort_seed"])
     key = list(zip(df.setting, df.budget_steps, df.cohort_seed))
     ref = frozen["val_r2_after"].reindex(key).to_numpy()
@@ -268,7 +268,7 @@ def pick_confirmation(crit: pd.DataFrame, top_budget: int) -> tuple[str, int, bo
 def report(work: Path, seeds: list[int], out: Path) -> pd.DataFrame:
     """The study's table and plot from every seed's rows (whatever has finished)."""
     frames = [pd.read_csv(rows_path(work, s)) for s in seeds if rows_path(work, s).is_file()]
-    table = dose_table(pd.concat(frames, ignore_index=True).to_dict("records"))
+    table = dose_table(pd.concat(frames, ignore_index=True))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "mcmkd_dose.csv", table.to_csv(index=False))
     plot(table, out / "mcmkd_dose.png")

@@ -217,18 +217,20 @@ def all_reduce_grads(params: Sequence, info: DistInfo) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    _all_reduce_flat([p.grad for p in params], info)
+    all_reduce_flat_([p.grad for p in params], info)
 
 
 def all_reduce_mean_(tensors: Sequence, info: DistInfo) -> None:
     """Average tensors over ranks in place (e.g. BatchNorm running statistics)."""
     if info.enabled:
-        for t in _all_reduce_flat(tensors, info):
+        for t in all_reduce_flat_(tensors, info):
             t.div_(info.world_size)
 
 
-def _all_reduce_flat(tensors: Sequence, info: DistInfo) -> list:
+def all_reduce_flat_(tensors: Sequence, info: DistInfo) -> list:
     """Sum tensors over ranks in place, one flat buffer per (device, dtype); returns them."""
+    if not info.enabled:
+        return list(tensors)
     import torch
 
     buckets: dict[tuple, list] = {}

@@ -146,11 +146,11 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--loss must be one of {tuple(LOSSES)}")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
         raise FinetuneError("--batch-size, --grad-accum and --epochs must be >= 1")
-    if cfg.student_lr_mult < 0 or cfg.probe_alpha <= 0:
-        raise FinetuneError(
-            "--student-lr-mult must be >= 0 (0: frozen student) and "
-            f"--probe-alpha > 0, got {cfg.student_lr_mult} and {cfg.probe_alpha}"
-        )
+    if cfg.student_lr_mult < 0:
+        raise FinetuneError(f"--student-lr-mult must be >= 0 (0: a frozen student), got "
+                            f"{cfg.student_lr_mult}")  # fmt: skip
+    if cfg.probe_alpha <= 0:
+        raise FinetuneError(f"--probe-alpha must be > 0, got {cfg.probe_alpha}")
     if any(int(s) < 1 for s in cfg.val_at_steps):
         raise FinetuneError(f"--val-at-steps must be >= 1, got {list(cfg.val_at_steps)}")
     for name in ("max_windows", "save_every", "stop_after_steps", "teacher_batch_size"):

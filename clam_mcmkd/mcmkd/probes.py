@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..distributed import DistInfo, all_reduce_
+from ..distributed import DistInfo, all_reduce_flat_
 from ..encoders.forward import autocast, model_input, to_device
 
 PROBES = ("teacher", "context")  # (a) the patch's own teacher feature, (b) its neighbours' mean
@@ -43,38 +43,27 @@ def probe_folds(dataset) -> np.ndarray:
 def probe_sums(
     student, student_tf, standardizer, dataset, device: str, precision: str, batch_size: int,
     info: DistInfo,
-) -> list[torch.Tensor]:  # fmt: skip
-    """Per fold: the flat sufficient statistics of [x, 1] (student features, augmented) against
+) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """Per fold: the sufficient statistics of [x, 1] (student features, augmented) against
     both probe targets, summed over this rank's windows and then over all ranks."""
     student.eval()  # the caller restores its mode (student_probes)
     folds = probe_folds(dataset)
     idx = np.arange(len(dataset))[info.rank :: info.world_size]
-    acc: list[dict[str, torch.Tensor]] | None = None
+    # every rank, windows or none, adds into sums of the same shapes and joins the all-reduce
+    x_dim, y_dim = int(student.out_dim), int(standardizer.mean.numel())
+    acc = [_zero_sums(x_dim, y_dim, device) for _ in range(N_FOLDS)]
     for start in range(0, len(idx), max(1, batch_size)):
         ix = idx[start : start + batch_size]
         batch = torch.utils.data.default_collate([dataset[int(i)] for i in ix])
         feats = _student_features(student, student_tf, batch["patches"], device, precision)
         z = standardizer.forward(to_device(batch["teacher"], device).float()).double()
         targets = {"teacher": z, "context": _neighbour_mean(z)}
-        if acc is None:
-            acc = [_zero_sums(feats.shape[-1], z.shape[-1], device) for _ in range(N_FOLDS)]
         for f in range(N_FOLDS):
             keep = torch.from_numpy(folds[ix] == f).to(device)
             if bool(keep.any()):
                 _add(acc[f], feats[keep], {k: t[keep] for k, t in targets.items()})
-    if acc is None:  # a rank without validation windows still joins the all-reduce
-        x_dim = int(student.out_dim)
-        acc = [_zero_sums(x_dim, int(standardizer.mean.numel()), device) for _ in range(N_FOLDS)]
-    flat = torch.cat([t.reshape(-1) for fold in acc for t in fold.values()])
-    flat = all_reduce_(flat, info)
-    out, pos = [], 0
-    for fold in acc:
-        unpacked = {}
-        for key, t in fold.items():
-            unpacked[key] = flat[pos : pos + t.numel()].reshape(t.shape)
-            pos += t.numel()
-        out.append(unpacked)
-    return out
+    all_reduce_flat_([t for fold in acc for t in fold.values()], info)  # in place
+    return acc
 
 
 def _student_features(student, student_tf, patches, device: str, precision: str):

@@ -348,14 +348,21 @@ def train_steps(
     return True
 
 
-def validation_point(cfg: FinetuneConfig, run: Run, step: int, device: str, info: DistInfo,
-                     val: dict | None = None, probes: dict | None = None) -> dict:  # fmt: skip
-    """One point of the validation curve: the pretext (R², standardised cosine) and, with
-    ``student_probes``, the student's own probes; `val` / `probes` when already measured."""
-    val = val or evaluate(run.learner, run.val_set, run.teacher_mean, cfg, device, info)
+def validation_point(cfg: FinetuneConfig, run: Run, step: int, device: str,
+                     info: DistInfo) -> dict:  # fmt: skip
+    """Validate now: one point of the ``--val-at-steps`` curve."""
+    val = evaluate(run.learner, run.val_set, run.teacher_mean, cfg, device, info)
+    probes = (
+        student_probes(run.learner, run.val_set, cfg, device, info) if cfg.student_probes else None
+    )
+    return curve_point(step, val, probes)
+
+
+def curve_point(step: int, val: dict, probes: dict | None) -> dict:
+    """A validation curve's point: the pretext (R², standardised cosine) and the student's own
+    probes when they were measured."""
     point = {"step": step, "val_r2": val["r2"], "val_cos_std": val["cos_std"]}
-    if cfg.student_probes:
-        probes = probes or student_probes(run.learner, run.val_set, cfg, device, info)
+    if probes is not None:
         point.update(student_teacher_r2=probes["teacher"], student_context_r2=probes["context"])
     return point
 
@@ -386,14 +393,9 @@ def write_outputs(
         info.world_size, prog.val_before, val_after, (prog.probes_before, probes_after),
     )  # fmt: skip
     if cfg.val_at_steps and val_after is not None:  # the curve, from before to after training
-        ends = [
-            validation_point(cfg, run, s, device, info, v, p)
-            for s, v, p in (
-                (0, prog.val_before, prog.probes_before),
-                (prog.step, val_after, probes_after),
-            )
-        ]
-        metrics["val_curve"] = [ends[0], *prog.val_curve, ends[1]]  # fmt: skip
+        first = curve_point(0, prog.val_before, prog.probes_before)
+        last = curve_point(prog.step, val_after, probes_after)
+        metrics["val_curve"] = [first, *prog.val_curve, last]
     if info.is_main:
         write_run_outputs(cfg, paths, plan, prog.history, metrics, run.learner.student,
                           run.learner.student_tf, targets.cache_dir)  # fmt: skip
