@@ -21,7 +21,10 @@ re-read (pass 3 below) without retraining anything.
   cohort seed, MIL seed, norm, fold, test slide: the probability; ``mcmkd_effect_report.py
   --runs`` rebuilds every table from it), ``mcmkd_effect.csv``,
   ``mcmkd_effect_summary.csv``, ``mcmkd_effect_forest.png``, ``mcmkd_effect_pretext.csv``,
-  ``mcmkd_effect_instruments.csv`` (``--instruments-arms``), ``timings.csv``.
+  ``mcmkd_effect_instruments.csv`` (``--instruments-arms``), ``timings.csv``
+  (``--results-name`` renames the ``mcmkd_effect`` prefix).
+- ``--tuned-from ARM=CKPT,...`` takes a tuned arm's student from finished fine-tunes instead of
+  training one per cohort seed (issue 18's confirmation: ``mcmkd_confirm_protocol.md``).
 
     python benchmarks/bench_mcmkd_effect.py --workdir W --contrast 0.25 \\
         --cohort-seeds 0 1 2 3 4 --mil-seeds 1 2 3 --norms zscore none \\
@@ -378,18 +381,40 @@ def finetune_stage(root: Path, csv: Path, arm: str, encoders: dict[str, Path], a
     return out
 
 
-def pretext_row(root: Path, arm: str, seed: int) -> dict:
-    """The fine-tune's validation numbers (before/after, vs predicting the mean)."""
-    metrics = json.loads((root / "finetune" / f"{arm}.final_metrics.json").read_text())
-    keys = [k for k in metrics if k.startswith("val_")] + ["steps", "train_windows"]
-    return {"arm": arm, "cohort_seed": seed, **{k: metrics.get(k) for k in keys}}
+def pretext_row(ckpt: Path, arm: str, seed: int) -> dict:
+    """The fine-tune's validation numbers (before/after, vs predicting the mean; the student
+    probes), read from the ``final_metrics.json`` beside its checkpoint."""
+    metrics = json.loads(ckpt.with_suffix(".final_metrics.json").read_text())
+    keys = [k for k in metrics if k.startswith(("val_", "student_"))]
+    keys += ["steps", "train_windows"]
+    return {"arm": arm, "cohort_seed": seed, "checkpoint": str(ckpt),
+            **{k: metrics.get(k) for k in keys}}  # fmt: skip
 
 
-def arm_checkpoint(arm: str, root: Path, csv: Path, encoders: dict[str, Path], args) -> Path:
+def parse_tuned_from(items: list[str] | None) -> dict[str, list[Path]]:
+    """``ARM=CKPT[,CKPT...]`` -> {arm: [checkpoints]}; checked before any work."""
+    out = {}
+    for item in items or []:
+        arm, sep, paths = item.partition("=")
+        if not sep or arm not in TUNED:
+            raise SystemExit(f"--tuned-from {item}: expected ARM=CKPT with ARM one of {list(TUNED)}")
+        out[arm] = [Path(p) for p in paths.split(",")]
+        for path in out[arm]:
+            if not path.is_file() or not path.with_suffix(".final_metrics.json").is_file():
+                raise SystemExit(f"--tuned-from {path}: no checkpoint with its final_metrics.json")
+    return out
+
+
+def arm_checkpoint(
+    arm: str, root: Path, csv: Path, encoders: dict[str, Path], args, seed: int
+) -> Path:
     if arm == "untuned":
         return encoders["baseline"]
     if arm in ("teacher", "teacher_morph"):
         return teacher_of(arm, encoders, args)
+    if arm in args.tuned_from:  # a finished fine-tune: cohort seed s takes the (s mod n)-th
+        students = args.tuned_from[arm]
+        return students[seed % len(students)]
     return finetune_stage(root, csv, arm, encoders, args)
 
 
@@ -404,16 +429,16 @@ def run_cohort_seed(work: Path, seed: int, args, encoders: dict[str, Path]) -> p
     split_dir = splits_stage(root, csv, args, seed)
     frames, frames_pretext = [], []
     for arm in args.arms:
-        ckpt = timer(f"finetune:{arm}", arm_checkpoint, arm, root, csv, encoders, args)
+        ckpt = timer(f"finetune:{arm}", arm_checkpoint, arm, root, csv, encoders, args, seed)
         if arm in TUNED:
-            pretext = pretext_row(root, arm, seed)
+            pretext = pretext_row(ckpt, arm, seed)
             log(f"pretext {arm}: " + json.dumps(pretext))
             frames_pretext.append(pretext)
         timer(f"features:{arm}", features_stage, root, csv, arm, ckpt)
         runs = timer(f"mil:{arm}", mil_stage, root, csv, split_dir, arm, args)
         frames.append(runs.assign(cohort_seed=seed))
     if args.instruments_arms:
-        arm_encoders = {a: arm_checkpoint(a, root, csv, encoders, args) for a in args.arms}
+        arm_encoders = {a: arm_checkpoint(a, root, csv, encoders, args, seed) for a in args.arms}
         inst = timer("instruments:arms", instruments_stage, root, csv, arm_encoders,
                      out_name="instruments_arms.csv")  # fmt: skip
         log(
@@ -482,11 +507,24 @@ def main() -> None:
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--ft-loss", default="cosine", choices=["cosine", "smooth_l1"])
     ap.add_argument(
+        "--tuned-from",
+        nargs="+",
+        default=None,
+        metavar="ARM=CKPT[,CKPT...]",
+        help="take a tuned arm's student from finished fine-tunes (each with its "
+        "final_metrics.json) instead of training one per cohort seed; with several, cohort "
+        "seed s uses the (s mod n)-th",
+    )
+    ap.add_argument(
         "--results", default=None, help="also write the result CSVs and the forest plot here"
+    )
+    ap.add_argument(
+        "--results-name", default="mcmkd_effect", help="prefix of the result files' names"
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the encoders")
     ap.add_argument("--mil-threads", type=int, default=1, help="torch threads for ABMIL")
     args = ap.parse_args()
+    args.tuned_from = parse_tuned_from(args.tuned_from)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -497,8 +535,8 @@ def main() -> None:
     runs = pd.concat([r for r, _ in done], ignore_index=True)
     pretext = pd.DataFrame([row for _, rows in done for row in rows])
     for target in [out_dir] + ([Path(args.results)] if args.results else []):
-        write_results(target, runs, pretext, args.arms)
-        with atomic_path(target / "mcmkd_effect_runs.csv.gz") as tmp:  # what the tables are made of
+        write_results(target, runs, pretext, args.arms, name=args.results_name)
+        with atomic_path(target / f"{args.results_name}_runs.csv.gz") as tmp:  # what the tables are made of
             runs.to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0})
         if args.instruments_arms:  # every cohort seed's table, one file
             tables = [
@@ -506,7 +544,7 @@ def main() -> None:
                 for s in args.cohort_seeds
             ]
             text = pd.concat(tables, ignore_index=True).to_csv(index=False)
-            atomic_write_text(target / "mcmkd_effect_instruments.csv", text)
+            atomic_write_text(target / f"{args.results_name}_instruments.csv", text)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def delta_summary(runs: pd.DataFrame, pairs, n_resamples: int = 2000) -> pd.Data
                 "endpoint": f"primary {PRIMARY.index((arm_a, arm_b)) + 1}" if primary
                 else "secondary",
                 "delta_auc": res.delta, "ci_low": res.ci_low, "ci_high": res.ci_high,
-                "p_delong": res.p, "n_cohort_seeds": len(groups),
+                "p_delong": res.p, "mde": res.mde(), "n_cohort_seeds": len(groups),
                 "n_test_slides": int(sum(len(y) for y, _, _ in groups)),
                 "per_seed_delta": " ".join(f"{r.delta:+.3f}" for r in res.per_group),
             }
@@ -136,21 +136,23 @@ def forest_plot(summary: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_results(out_dir: Path, runs: pd.DataFrame, pretext: pd.DataFrame, arms) -> pd.DataFrame:
-    """Every output file of the experiment into `out_dir`; returns the summary table."""
+def write_results(
+    out_dir: Path, runs: pd.DataFrame, pretext: pd.DataFrame, arms, name: str = "mcmkd_effect"
+) -> pd.DataFrame:
+    """Every output file of the experiment into `out_dir`, named `name`*; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = auc_table(runs)
-    atomic_write_text(out_dir / "mcmkd_effect.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / f"{name}.csv", table.to_csv(index=False))
     norms = [n for n in ("zscore", "none") if n in set(runs["feature_norm"])]
     pairs = [((a, n), (b, n)) for n in norms for a, b in comparisons(arms)]
     if len(norms) == 2 and "untuned" in arms:  # does standardising MIL inputs matter?
         pairs.append((("untuned", "zscore"), ("untuned", "none")))
     summary = delta_summary(runs, pairs)
-    atomic_write_text(out_dir / "mcmkd_effect_summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out_dir / f"{name}_summary.csv", summary.to_csv(index=False))
     if not pretext.empty:
-        atomic_write_text(out_dir / "mcmkd_effect_pretext.csv", pretext.to_csv(index=False))
+        atomic_write_text(out_dir / f"{name}_pretext.csv", pretext.to_csv(index=False))
     if not summary.empty:
-        forest_plot(summary, out_dir / "mcmkd_effect_forest.png")
+        forest_plot(summary, out_dir / f"{name}_forest.png")
     print(summary.to_string(index=False, float_format="%.3f"))
     pooled = table[table["mil_seed"] == "all"]
     print(
@@ -168,12 +170,13 @@ def main() -> None:
     ap.add_argument("--runs", required=True)
     ap.add_argument("--pretext", default=None)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--name", default="mcmkd_effect", help="prefix of the files' names")
     args = ap.parse_args()
     runs = pd.read_csv(args.runs)
     pretext = pd.read_csv(args.pretext) if args.pretext else pd.DataFrame()
     order = ["untuned", "mcmkd", "patch_kd", "random_teacher", "sham", "teacher"]
     arms = [a for a in order if a in set(runs["arm"])]
-    write_results(Path(args.out), runs, pretext, arms)
+    write_results(Path(args.out), runs, pretext, arms, name=args.name)
 
 
 if __name__ == "__main__":

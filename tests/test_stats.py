@@ -152,6 +152,17 @@ def test_pooling_over_seeds():
     assert twice.ci_high - twice.ci_low < single.ci_high - single.ci_low
 
 
+def test_mde_is_2_8_bootstrap_se_and_agrees_with_delong():
+    g1, g2 = _tied_case(0, n=30), _tied_case(1, n=30)
+    both = pooled_delta_auc([g1, g2], n_resamples=2000, seed=4)
+    assert both.mde() == pytest.approx(2.8016 * both.se_boot, rel=1e-3)
+    # the bootstrap SE and the DeLong SE estimate the same thing on the same slides
+    assert both.se_boot == pytest.approx(np.sqrt(both.var), rel=0.25)
+    # a percentile CI spans about 2 x 1.96 bootstrap SEs
+    assert both.ci_high - both.ci_low == pytest.approx(3.92 * both.se_boot, rel=0.2)
+    assert both.mde(power=0.9) > both.mde() > both.mde(alpha=0.2)
+
+
 def test_average_slide_probabilities_over_folds_and_seeds():
     rows = pd.DataFrame(
         {

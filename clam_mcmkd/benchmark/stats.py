@@ -248,6 +248,16 @@ class PooledResult:
     p: float
     per_group: tuple[DeLongResult, ...]
     n_resamples: int
+    se_boot: float  # standard deviation of the bootstrap draws of the pooled ΔAUC
+
+    def mde(self, power: float = 0.8, alpha: float = 0.05) -> float:
+        """Minimum detectable |ΔAUC| of this design (two-sided `alpha`, `power`), from the
+        bootstrap SE: (z_{1-alpha/2} + z_power) * se, 2.80 se at the defaults. What a null
+        result rules out, stated with it."""
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf
+        return float((z(1 - alpha / 2) + z(power)) * self.se_boot)
 
 
 def pooled_delta_auc(
@@ -276,7 +286,8 @@ def pooled_delta_auc(
     var = float(sum(r.var for r in per_group) / len(per_group) ** 2)
     z, p = _z_test(delta, var)
     low, high = _percentile_ci(draws, confidence)
-    return PooledResult(delta, low, high, var, z, p, per_group, int(n_resamples))
+    se_boot = float(np.std(draws, ddof=1)) if len(draws) > 1 else float("nan")
+    return PooledResult(delta, low, high, var, z, p, per_group, int(n_resamples), se_boot)
 
 
 # --------------------------------------------------------------------------- feature health
