@@ -397,7 +397,9 @@ def parse_tuned_from(items: list[str] | None) -> dict[str, list[Path]]:
     for item in items or []:
         arm, sep, paths = item.partition("=")
         if not sep or arm not in TUNED:
-            raise SystemExit(f"--tuned-from {item}: expected ARM=CKPT with ARM one of {list(TUNED)}")
+            raise SystemExit(
+                f"--tuned-from {item}: expected ARM=CKPT with ARM one of {list(TUNED)}"
+            )
         out[arm] = [Path(p) for p in paths.split(",")]
         for path in out[arm]:
             if not path.is_file() or not path.with_suffix(".final_metrics.json").is_file():
@@ -536,7 +538,9 @@ def main() -> None:
     pretext = pd.DataFrame([row for _, rows in done for row in rows])
     for target in [out_dir] + ([Path(args.results)] if args.results else []):
         write_results(target, runs, pretext, args.arms, name=args.results_name)
-        with atomic_path(target / f"{args.results_name}_runs.csv.gz") as tmp:  # what the tables are made of
+        with atomic_path(
+            target / f"{args.results_name}_runs.csv.gz"
+        ) as tmp:  # what the tables are made of
             runs.to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0})
         if args.instruments_arms:  # every cohort seed's table, one file
             tables = [
