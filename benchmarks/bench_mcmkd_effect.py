@@ -44,7 +44,12 @@ import numpy as np
 import pandas as pd
 from mcmkd_effect_report import write_results
 
-from clam_mcmkd.clam.formats import read_coords_h5, read_dataset_csv
+from clam_mcmkd.benchmark.instruments import (
+    encoder_instruments,
+    patch_truth_per_slide,
+    slide_patches,
+)
+from clam_mcmkd.clam.formats import read_dataset_csv
 from clam_mcmkd.cohort import make_cohort
 from clam_mcmkd.utils import atomic_path, atomic_write_text
 
@@ -95,28 +100,12 @@ def cohort_stage(root: Path, n: int, seed: int, args, contrast: float) -> Path:
 
 
 def cohort_patches(root: Path, slide_ids) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """uint8 patches and coords per slide (the tiles' coords, read through the fast loader)."""
-    from clam_mcmkd.patch_pipeline import iter_patch_batches
-
-    out = {}
-    for sid in slide_ids:
-        h5 = root / "tiles" / "patches" / f"{sid}.h5"
-        if not h5.is_file():
-            continue
-        coords = read_coords_h5(h5)
-        slide = root / "cohort" / "slides" / f"{sid}.tif"
-        imgs = np.concatenate([b.numpy() for b in iter_patch_batches(slide, coords, 512)])
-        out[sid] = (imgs, coords.coords)
-    return out
+    """uint8 patches and coords per slide of a cohort made by :func:`cohort_stage`."""
+    return slide_patches(root / "cohort" / "slides", root / "tiles" / "patches", slide_ids)
 
 
 def patch_labels(root: Path, per_slide: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from clam_mcmkd.cohort_fields import patch_truth, read_maps
-
-    return {
-        sid: patch_truth(read_maps(root / "cohort", sid), coords, PATCH)
-        for sid, (_, coords) in per_slide.items()
-    }
+    return patch_truth_per_slide(root / "cohort", per_slide, PATCH)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -273,27 +262,6 @@ def mil_stage(root: Path, csv: Path, split_dir: Path, arm: str, args) -> pd.Data
 # --------------------------------------------------------------------------- instruments
 
 
-def _probe(feats: dict, targets: dict, kind: str) -> float:
-    """Linear probe with a slide split (even / odd slides): AUC (binary) or balanced accuracy."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    sids = sorted(feats)
-    parts = [sids[0::2], sids[1::2]]
-    (xtr, ytr), (xte, yte) = (
-        (np.concatenate([feats[s] for s in p]), np.concatenate([targets[s] for s in p]))
-        for p in parts
-    )
-    if len(set(ytr)) < 2 or len(set(yte)) < 2:
-        return float("nan")
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1)).fit(xtr, ytr)
-    if kind == "auc":
-        return float(roc_auc_score(yte, clf.predict_proba(xte)[:, 1]))
-    return float(balanced_accuracy_score(yte, clf.predict(xte)))
-
-
 def instruments_stage(
     root: Path, csv: Path, encoders: dict[str, Path], max_slides: int = 24,
     out_name: str = "instruments.csv",
@@ -303,9 +271,6 @@ def instruments_stage(
     slides, for lying in the atypical region (ground truth of the generator; diagnostics only,
     never used for training). After the arms ran, the same on each arm's encoder
     (``instruments_arms.csv``): did a fine-tune collapse the features?"""
-    from clam_mcmkd.benchmark.stats import feature_health
-    from clam_mcmkd.encoders import create_encoder, encode_patches
-
     out = root / out_name
     if out.is_file():
         return pd.read_csv(out)
@@ -314,22 +279,8 @@ def instruments_stage(
     per_slide = cohort_patches(root, sids)
     truth = patch_labels(root, per_slide)
     positive = set(df.loc[df["label"] == "tumor", "slide_id"])
-    rows = []
-    for name, ckpt in encoders.items():
-        if not Path(ckpt).is_file():
-            continue
-        enc = create_encoder("checkpoint", ckpt=ckpt)
-        feats = {s: encode_patches(enc, p, batch_size=256) for s, (p, _) in per_slide.items()}
-        health = feature_health(np.concatenate(list(feats.values())))
-        pos = {s: f for s, f in feats.items() if s in positive}
-        rows.append(
-            {
-                "encoder": name,
-                **health,
-                "probe_class_bal_acc": _probe(feats, {s: truth[s][0] for s in feats}, "acc"),
-                "probe_atypia_auc": _probe(pos, {s: truth[s][1] > 0.5 for s in pos}, "auc"),
-            }
-        )
+    present = {name: ckpt for name, ckpt in encoders.items() if Path(ckpt).is_file()}
+    rows = encoder_instruments(present, per_slide, truth, positive)
     table = pd.DataFrame(rows)
     atomic_write_text(out, table.to_csv(index=False))
     return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -266,12 +267,25 @@ def test_demo_killed_mid_stage_resumes_and_reruns_identically(tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
     text = report.read_text()
     assert "## Wall time per stage" in text and "finetune" in text and "## Configuration" in text
+    # the student's own probes, per fine-tuned arm, as finetune measured them
+    metrics = json.loads((bench / "finetune" / "mcmkd.final_metrics.json").read_text())
+    moved = (
+        f"{metrics['student_teacher_r2_before']:.3f} → {metrics['student_teacher_r2_after']:.3f}"
+    )
+    assert "student → teacher" in text and moved in text
     # every encoder was trained and tested on the same folds
     folds = pd.read_csv(bench / "report_folds.csv")
     assert folds.groupby(["encoder", "model"])["fold"].apply(sorted).map(tuple).nunique() == 1
     _check_slide_statistics(cfg, bench, df)
     assert "Demo, not evidence" in text and "cannot show whether MCM-KD helps" in text
     assert "baseline held-out linear accuracy 0." in text  # the offline encoders' own figures
+    # the teacher measured against the baseline on a held-out cohort, recorded and quoted
+    record = json.loads((out / "encoders" / "encoders.json").read_text())
+    probe = record["instrument"]
+    assert probe["n_slides"] >= 2 and probe["n_patches"] > 0
+    for name in ("baseline", "teacher"):
+        assert 0 < probe[name]["probe_class_bal_acc"] <= 1 and 0 < probe[name]["cos_to_mean"] <= 1
+    assert "held-out slides, linear probes of patch atypia" in text
 
     # 4. rerunning `benchmark` (CLI, config written by the run) on the finished out: no work,
     #    the same report byte for byte

@@ -280,17 +280,14 @@ def tissue_class_patches(cohort_dir: str | os.PathLike, patches_dir: str | os.Pa
     """The teacher's training data from a ``kind="fields"`` cohort: every tiled patch (uint8
     (N, P, P, 3)) and its tissue class (the generator's map under it; never the slide label)."""
     from ..clam.formats import read_coords_h5, read_dataset_csv
-    from ..cohort_fields import patch_truth, read_maps
-    from ..patch_pipeline import iter_patch_batches
+    from .instruments import patch_truth_per_slide, slide_patches
 
-    images, classes = [], []
-    for sid in read_dataset_csv(Path(cohort_dir) / "dataset.csv")["slide_id"]:
-        h5 = Path(patches_dir) / f"{sid}.h5"
-        if not h5.is_file():
-            continue  # no tissue
-        coords = read_coords_h5(h5)
-        slide = Path(cohort_dir) / "slides" / f"{sid}.tif"
-        images += [b.numpy() for b in iter_patch_batches(slide, coords, 512)]
-        level0 = int(round(coords.patch_size * coords.downsample[0]))
-        classes.append(patch_truth(read_maps(cohort_dir, sid), coords.coords, level0)[0])
-    return np.concatenate(images), np.concatenate(classes)
+    ids = read_dataset_csv(Path(cohort_dir) / "dataset.csv")["slide_id"]
+    per_slide = slide_patches(Path(cohort_dir) / "slides", patches_dir, ids)
+    if not per_slide:
+        raise ValueError(f"{patches_dir}: no tiled slide of {cohort_dir}")
+    first = read_coords_h5(Path(patches_dir) / f"{next(iter(per_slide))}.h5")
+    level0 = int(round(first.patch_size * first.downsample[0]))
+    truth = patch_truth_per_slide(cohort_dir, per_slide, level0)
+    images = np.concatenate([p for p, _ in per_slide.values()])
+    return images, np.concatenate([truth[s][0] for s in per_slide])

@@ -333,13 +333,18 @@ def _comparisons_section(comparisons) -> list[str]:
 
 
 def _pretext_section(pretext: Mapping[str, Mapping[str, Any]], labels: dict) -> list[str]:
-    """Did each fine-tune's pretext learn? Validation R² of its predictions of the teacher's
-    features (standardised) before and after, against predicting the training mean (<= 0)."""
+    """Did each fine-tune learn, and did its student? Validation R² of the predictions of the
+    teacher's features (standardised) before and after, against predicting the training mean
+    (<= 0); and the student's own probes (``finetune``'s ``student_*_r2``), because the
+    pretext R² can be the context predictor's alone."""
     if not pretext:
         return []
     rows = [
         [arm, labels.get(arm, arm), _fmt(m.get("val_r2_before")), _fmt(m.get("val_r2_after")),
-         _fmt(m.get("val_r2_mean_baseline")), m.get("steps", "n/a")]
+         _fmt(m.get("val_r2_mean_baseline")),
+         f"{_fmt(m.get('student_teacher_r2_before'))} → {_fmt(m.get('student_teacher_r2_after'))}",
+         f"{_fmt(m.get('student_context_r2_before'))} → {_fmt(m.get('student_context_r2_after'))}",
+         m.get("steps", "n/a")]
         for arm, m in pretext.items()
     ]  # fmt: skip
     return [
@@ -347,10 +352,23 @@ def _pretext_section(pretext: Mapping[str, Mapping[str, Any]], labels: dict) -> 
         "",
         "R² of the predicted teacher features (standardised) of the scored positions; "
         "predicting the training mean scores <= 0, so an R² near 0 after training means the "
-        "pretext did not learn.",
+        "pretext did not learn. A rising R² can be the context predictor's alone: the student "
+        "columns say whether the student itself moved towards the teacher (held-out ridge R² "
+        "of a patch's teacher feature, and of its window neighbours' mean, from the student's "
+        "feature of that patch; before → after).",
         "",
         _markdown_table(
-            ["arm", "encoder", "R² before", "R² after", "R² of the mean", "steps"], rows
+            [
+                "arm",
+                "encoder",
+                "R² before",
+                "R² after",
+                "R² of the mean",
+                "student → teacher",
+                "student → context",
+                "steps",
+            ],
+            rows,
         ),  # fmt: skip
         "",
     ]
