@@ -60,8 +60,8 @@ class DemoConfig:
     mil_seeds: int | None = None  # MIL seeds 1..n (default: the demo config's)
     baseline_steps: int = 400  # proxy pretraining steps (batch 32): what the experiment used;
     # at 150 the baseline stayed at chance on its own task (benchmarks/RESULTS.md, "Demo, issue 13")
-    teacher_steps: int = 300  # tissue class + morphometry training steps (batch 32)
-    teacher_slides: int = 12  # slides of the teacher's own cohort
+    teacher_steps: int = 600  # tissue class + morphometry training steps (batch 32)
+    teacher_slides: int = 24  # slides of the teacher's own cohort
     # unlabelled atypia variation in the teacher's cohort, and morphometry targets: with them
     # the teacher carries more than the baseline on the held-out instrument (RESULTS.md)
     teacher_contrast: float = 0.5
