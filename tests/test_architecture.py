@@ -32,10 +32,11 @@ STAGES = {
     "heatmap",
 }
 STAGES |= {"cohort_fields", "synthetic_tiff"}
-CORE = {"utils", "jobs", "distributed", "clam", "encoders"}
+CORE = {"utils", "ranges", "jobs", "distributed", "clam", "encoders"}
 ALLOWED = {
     "__init__": {"utils"},
     "utils": set(),
+    "ranges": set(),
     "distributed": {"utils"},
     "jobs": {"utils"},
     "encoders": {"utils"},
@@ -53,7 +54,7 @@ ALLOWED = {
     "features": {"utils", "jobs", "distributed", "clam", "encoders", "patch_pipeline", "slides"},
     "heatmap": {"utils", "jobs", "clam", "encoders", "slides", "splits", "mil"},
     "mcmkd": CORE | {"slides", "patch_loader", "patch_pipeline"},
-    "mil": {"utils", "clam", "encoders", "splits"},
+    "mil": {"utils", "ranges", "clam", "encoders", "splits"},
     "doctor": CORE | STAGES | {"mcmkd"},
     "benchmark": CORE | STAGES | {"mcmkd", "mil"},
     "cli": CORE | STAGES | {"mcmkd", "mil", "benchmark", "doctor", "__init__"},

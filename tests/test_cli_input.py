@@ -242,3 +242,50 @@ def test_heatmap_on_a_missing_gpu_writes_no_config(root, mil_run):
     result = CliRunner().invoke(main, _args("heatmap", root, **given) + ["--device", "cuda"])
     _refused_in_one_line(result, root, before, "--device cuda asked")
     assert not out.exists()
+
+
+def test_every_ranged_finetune_setting_is_refused_from_python_as_on_the_command_line():
+    """One table of ranges (clam_mcmkd.ranges): the option's click type and validate_config
+    refuse the same just-out-of-range value, and both accept the bound itself."""
+    import click
+
+    from clam_mcmkd.cli.options import RANGES as OPTION_TYPES
+    from clam_mcmkd.mcmkd import FinetuneConfig
+    from clam_mcmkd.mcmkd.config import RANGED_FIELDS, FinetuneError, validate_config
+    from clam_mcmkd.ranges import RANGES
+
+    assert {"grid", "mask_ratio", "val_frac", "student_lr_mult", "probe_alpha"} <= set(
+        RANGED_FIELDS
+    )
+    for name in RANGED_FIELDS:
+        rng = RANGES[name]
+        step = 1 if rng.integer else 0.5
+        bad = rng.low if rng.low_open else rng.low - step
+        value = (bad,) if name == "val_at_steps" else bad
+        cfg = FinetuneConfig("h", "s", "c.csv", "resnet18", student="resnet18_trunc",
+                             **{name: value})  # fmt: skip
+        with pytest.raises(FinetuneError, match=f"--{name.replace('_', '-')} must be "):
+            validate_config(cfg)
+        with pytest.raises(click.BadParameter):
+            OPTION_TYPES[name].convert(bad, None, None)
+        if not rng.low_open:
+            assert OPTION_TYPES[name].convert(rng.low, None, None) == rng.low
+
+
+def test_mhim_settings_are_refused_from_python_with_the_cli_ranges():
+    from clam_mcmkd.mil import TrainConfig
+    from clam_mcmkd.mil.mhim import MHIM_RANGED, check_mhim_config
+    from clam_mcmkd.ranges import RANGES
+    from clam_mcmkd.utils import ClamMcmkdError
+
+    paths = dict(data_root_dir="d", csv_path="c.csv", split_dir="s", results_dir="r", exp_code="e")
+    check_mhim_config(TrainConfig(**paths))  # the defaults are in range
+    assert {"mhim_momentum", "mhim_mask_ratio"} <= set(MHIM_RANGED)
+    for name in MHIM_RANGED:
+        rng = RANGES[name]
+        bad = [rng.low if rng.low_open else rng.low - 0.5]
+        if rng.high is not None:
+            bad.append(rng.high if rng.high_open else rng.high + 0.5)
+        for value in bad:
+            with pytest.raises(ClamMcmkdError, match=f"--{name.replace('_', '-')} must be "):
+                check_mhim_config(TrainConfig(**paths, **{name: value}))

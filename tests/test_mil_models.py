@@ -209,7 +209,7 @@ def test_mhim_refuses_a_missing_or_mismatched_teacher(cohort, tmp_path):
                  feature_norm="zscore", exp_code="mhim_z")  # fmt: skip
     with pytest.raises(ClamMcmkdError, match="feature_norm='none'"):
         train(other)
-    with pytest.raises(ClamMcmkdError, match="mhim_mask_ratio_h"):
+    with pytest.raises(ClamMcmkdError, match="--mhim-mask-ratio-h must be in"):
         train(_cfg(cohort, "mhim_abmil", mhim_mask_ratio_h=1.5))
 
 

@@ -6,89 +6,26 @@ from __future__ import annotations
 
 import click
 
+from ..ranges import RANGES as SETTING_RANGES
+from ..ranges import Range
 from ..utils import ClamMcmkdError, check_output_path, field_default
 
 _INT = {int, click.INT}
 _FLOAT = {float, click.FLOAT}
 
 
-def _at_least(n: int) -> click.IntRange:
-    return click.IntRange(min=n)
+def _click_type(rng: Range) -> click.ParamType:
+    if rng.integer:
+        return click.IntRange(min=rng.low, max=rng.high, min_open=rng.low_open,
+                              max_open=rng.high_open)  # fmt: skip
+    return click.FloatRange(min=rng.low, max=rng.high, min_open=rng.low_open,
+                            max_open=rng.high_open)  # fmt: skip
 
 
-def _fraction(open_low: bool = False, open_high: bool = False) -> click.FloatRange:
-    return click.FloatRange(0.0, 1.0, min_open=open_low, max_open=open_high)
-
-
-_POSITIVE = click.FloatRange(min=0.0, min_open=True)
-_NON_NEGATIVE = click.FloatRange(min=0.0)
-
-# The range of every numeric option, by its name, whichever command has it: an option's type is
-# made from here, so a value out of range is one line naming it, before any work.
-RANGES: dict[str, click.ParamType] = {
-    # counts and sizes
-    **dict.fromkeys(
-        (
-            "batch_size",
-            "B",
-            "epochs",
-            "max_epochs",
-            "grad_accum",
-            "max_windows",
-            "save_every",
-            "stop_after_steps",
-            "teacher_batch_size",
-            "predictor_width",
-            "predictor_depth",
-            "predictor_heads",
-            "n_slides",
-            "test_per_class",
-            "k",
-            "step_size",
-        ),
-        _at_least(1),
-    ),  # fmt: skip
-    **dict.fromkeys(("num_workers", "max_val_windows", "fold"), _at_least(0)),
-    **dict.fromkeys(("k_start", "k_end"), _at_least(-1)),  # -1: from the first / to the last
-    **dict.fromkeys(
-        ("input_size", "teacher_input_size", "target_patch_size", "patch_size"), _at_least(16)
-    ),  # fmt: skip
-    "grid": _at_least(2),
-    "size": _at_least(512),
-    "thumb_max_size": _at_least(64),
-    # rates, weights and fractions
-    **dict.fromkeys(("lr", "mpp", "mag", "seconds"), _POSITIVE),
-    **dict.fromkeys(
-        ("visible_weight", "student_lr_mult", "weight_decay", "grad_clip", "reg"), _NON_NEGATIVE
-    ),  # fmt: skip
-    **dict.fromkeys(
-        (
-            "warmup_frac",
-            "min_lr_ratio",
-            "positive_frac",
-            "tumor_contrast",
-            "contrast",
-            "min_tissue",
-            "alpha",
-            "bag_weight",
-        ),
-        _fraction(),
-    ),  # fmt: skip
-    **dict.fromkeys(("val_frac", "test_frac", "drop_out"), _fraction(open_high=True)),
-    **dict.fromkeys(("tumor_frac", "label_frac"), _fraction(open_low=True)),
-    "mask_ratio": _fraction(open_low=True, open_high=True),
-    # student probes (finetune)
-    "probe_alpha": _POSITIVE,
-    "val_at_steps": _at_least(1),
-    # MHIM-MIL (train): as mil.mhim.check_mhim_config
-    **dict.fromkeys(
-        ("mhim_mask_ratio", "mhim_mask_ratio_l", "mhim_mask_ratio_h"), _fraction(open_high=True)
-    ),  # fmt: skip
-    "mhim_mask_ratio_hr": _fraction(open_low=True),
-    "mhim_momentum": _fraction(),
-    "mhim_cl_alpha": _NON_NEGATIVE,
-    **dict.fromkeys(("mhim_temp_t", "mhim_temp_s"), _POSITIVE),
-}
+# The type of every numeric option, by its name, whichever command has it: made from the one
+# table of ranges (clam_mcmkd.ranges, which config validation reads too), so a value out of
+# range is one line naming it, before any work.
+RANGES: dict[str, click.ParamType] = {name: _click_type(r) for name, r in SETTING_RANGES.items()}
 UNBOUNDED = {"seed", "init_seed"}  # numeric options any value of which is fine
 
 

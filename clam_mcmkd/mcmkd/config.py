@@ -5,9 +5,10 @@ torch-free at import: the CLI takes its option defaults from :class:`FinetuneCon
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..ranges import RANGES, out_of_range
 from ..utils import ClamMcmkdError
 
 OBJECTIVES = ("mcmkd", "patch_kd")  # what is learnt: see objectives.py
@@ -114,6 +115,10 @@ def teacher_cache_dir(cfg: FinetuneConfig) -> Path:
     return Path(cfg.teacher_cache) if cfg.teacher_cache else output_paths(cfg.out)["teacher_cache"]
 
 
+# the settings validate_config checks against the table of ranges the CLI's options use
+RANGED_FIELDS = tuple(f.name for f in fields(FinetuneConfig) if f.name in RANGES)
+
+
 def validate_config(cfg: FinetuneConfig) -> None:
     """Every option checked before any slide is read or model built."""
     from ..distributed import parse_shard, parse_timeout
@@ -136,29 +141,14 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--targets must be one of {TARGETS}, got {cfg.targets!r}")
     if cfg.student_ckpt is not None:
         _check_student_ckpt(cfg)
-    if cfg.grid < 2:
-        raise FinetuneError(f"--grid must be >= 2, got {cfg.grid}")
-    if not 0.0 < cfg.mask_ratio < 1.0:
-        raise FinetuneError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
+    for name in RANGED_FIELDS:  # the CLI's ranges, for Python callers too
+        message = out_of_range(name, getattr(cfg, name))
+        if message:
+            raise FinetuneError(message)
     if cfg.mask_strategy not in MASK_STRATEGIES:
         raise FinetuneError(f"--mask-strategy must be one of {MASK_STRATEGIES}")
     if cfg.loss not in LOSSES:
         raise FinetuneError(f"--loss must be one of {tuple(LOSSES)}")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.epochs < 1:
-        raise FinetuneError("--batch-size, --grad-accum and --epochs must be >= 1")
-    if cfg.student_lr_mult < 0:
-        raise FinetuneError(f"--student-lr-mult must be >= 0 (0: a frozen student), got "
-                            f"{cfg.student_lr_mult}")  # fmt: skip
-    if cfg.probe_alpha <= 0:
-        raise FinetuneError(f"--probe-alpha must be > 0, got {cfg.probe_alpha}")
-    if any(int(s) < 1 for s in cfg.val_at_steps):
-        raise FinetuneError(f"--val-at-steps must be >= 1, got {list(cfg.val_at_steps)}")
-    for name in ("max_windows", "save_every", "stop_after_steps", "teacher_batch_size"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0.0 <= cfg.val_frac < 1.0:
-        raise FinetuneError(f"--val-frac must be in [0, 1), got {cfg.val_frac}")
     if cfg.teacher_ckpt is not None and not Path(cfg.teacher_ckpt).is_file():
         raise EncoderError(f"{cfg.teacher_ckpt}: teacher checkpoint does not exist")
     autocast_dtype("cpu", cfg.precision, training=True)  # fp16 cannot train (no loss scaling)

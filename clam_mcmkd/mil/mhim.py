@@ -22,13 +22,13 @@ select the same instances (``benchmarks/parity_mil_reference.py``).
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ranges import out_of_range
 from ..utils import ClamMcmkdError
 from .data import bag_order
 from .nets import load_weights
@@ -167,14 +167,15 @@ class MhimTrainer:
         return {key: value / max(len(bags), 1) for key, value in totals.items()}
 
 
+MHIM_RANGED = ("mhim_mask_ratio", "mhim_mask_ratio_l", "mhim_mask_ratio_h", "mhim_mask_ratio_hr",
+               "mhim_momentum", "mhim_cl_alpha", "mhim_temp_t", "mhim_temp_s")  # fmt: skip
+
+
 def check_mhim_config(cfg) -> None:
     """Bad MHIM settings fail before any data is read."""
     if cfg.mhim_student_init not in STUDENT_INITS:
         raise ClamMcmkdError(f"mhim_student_init must be one of {STUDENT_INITS}")
-    for name in ("mhim_mask_ratio", "mhim_mask_ratio_l", "mhim_mask_ratio_h"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ClamMcmkdError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if not 0.0 < cfg.mhim_mask_ratio_hr <= 1.0 or not 0.0 <= cfg.mhim_momentum <= 1.0:
-        raise ClamMcmkdError("mhim_mask_ratio_hr must be in (0, 1] and mhim_momentum in [0, 1]")
-    if math.isclose(cfg.mhim_temp_t, 0.0) or math.isclose(cfg.mhim_temp_s, 0.0):
-        raise ClamMcmkdError("mhim temperatures must be > 0")
+    for name in MHIM_RANGED:  # the CLI's ranges (clam_mcmkd.ranges), for Python callers too
+        message = out_of_range(name, getattr(cfg, name))
+        if message:
+            raise ClamMcmkdError(message)
