@@ -70,7 +70,7 @@ def mil_arm(root: Path, csv: Path, split_dir: Path, arm: str, seed: int, args) -
         max_epochs=args.mil_epochs, seed=seed, device="cpu", feature_norm=NORM,
         label_dict={"normal": 0, "tumor": 1}, **extra,
     )  # fmt: skip
-    fresh = not (cfg.run_dir / "summary.csv").is_file()
+    fresh = not any(cfg.run_dir.glob("fold_*_predictions.csv"))  # no fold resumed
     t0 = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - t0
