@@ -116,7 +116,11 @@ def main() -> None:
         student, teacher, size, slide_px, n = "resnet18_trunc", "resnet18", 64, 2048, 4
     else:
         student, teacher, size, slide_px, n = (
-            "resnet50_trunc", "vit_large_patch16_224", 224, 4096, args.slides
+            "resnet50_trunc",
+            "vit_large_patch16_224",
+            224,
+            4096,
+            args.slides,
         )
     report = {"torch": torch.__version__, "device": args.device}
     if args.device.startswith("cuda"):
