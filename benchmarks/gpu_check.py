@@ -28,16 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_mcmkd_effect import log
 
-from clam_mcmkd.clam.formats import write_coords_h5, write_dataset_csv
+from clam_mcmkd.clam.formats import write_dataset_csv, write_grid_coords_h5
 from clam_mcmkd.cohort import make_slide
 from clam_mcmkd.encoders import create_encoder, read_student_checkpoint
 from clam_mcmkd.mcmkd import FinetuneConfig, finetune, output_paths
 from clam_mcmkd.patch_pipeline import SlideJob, encode_cohort
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+from clam_mcmkd.utils import atomic_write_text
 
 
 def make_cohort(root: Path, n_slides: int, size: int) -> tuple[Path, Path, Path]:
@@ -45,16 +43,12 @@ def make_cohort(root: Path, n_slides: int, size: int) -> tuple[Path, Path, Path]
     slides, h5 = root / "slides", root / "h5"
     slides.mkdir(parents=True, exist_ok=True)
     (h5 / "patches").mkdir(parents=True, exist_ok=True)
-    ys, xs = np.mgrid[0 : size // 256, 0 : size // 256]
-    coords = np.stack([xs.ravel(), ys.ravel()], 1) * 256
     rows = []
     for i in range(n_slides):
         sid = f"gen{i:02d}"
         if not (slides / f"{sid}.tif").is_file():
             make_slide(slides / f"{sid}.tif", size=size, seed=i, positive=bool(i % 2))
-        write_coords_h5(h5 / "patches" / f"{sid}.h5", coords, patch_size=256, patch_level=0,
-                        downsample=(1.0, 1.0), downsampled_level_dim=(size, size),
-                        level_dim=(size, size), name=sid)  # fmt: skip
+        write_grid_coords_h5(h5 / "patches" / f"{sid}.h5", size, name=sid)
         rows.append({"case_id": sid, "slide_id": sid, "label": "tumor" if i % 2 else "normal"})
     csv = write_dataset_csv(root / "dataset.csv", rows)
     return h5, slides, csv
@@ -144,7 +138,7 @@ def main() -> None:
     report["resume"]["stopped_at"] = steps // 2
     report["resume"]["student_max_abs_diff_vs_straight"] = max_abs_diff(cfg.out, half.out)
     log(f"resume: {report['resume']}")
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "gpu_check.json", json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

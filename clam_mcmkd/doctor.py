@@ -25,13 +25,13 @@ PACKAGES = ("torch", "torchvision", "timm", "tiatoolbox", "openslide-python", "t
 
 def _project() -> SimpleNamespace:
     """The project pieces the probes use, imported in ONE place (several are being moved)."""
-    from .clam.formats import write_coords_h5
+    from .clam.formats import write_grid_coords_h5
     from .encoders import create_encoder
     from .encoders.forward import encode_batch, prepare_encoder
     from .mcmkd.predictor import ContextPredictor
 
     return SimpleNamespace(
-        write_coords_h5=write_coords_h5,
+        write_grid_coords_h5=write_grid_coords_h5,
         create_encoder=create_encoder,
         encode_batch=encode_batch,
         prepare_encoder=prepare_encoder,
@@ -197,23 +197,18 @@ class ProbeSizes:
 
 def make_probe_slide(workdir: Path, sizes: ProbeSizes):
     """A generated JPEG-tiled pyramid and a full 256 px grid on it: SlideJobs (copies of it)."""
-    import numpy as np
-
     from .cohort import make_slide
     from .patch_pipeline import SlideJob
 
     slide = workdir / f"probe_{sizes.slide}.tif"
     if not slide.is_file():
         make_slide(slide, size=sizes.slide, seed=0, positive=True)
-    ys, xs = np.mgrid[0 : sizes.slide // 256, 0 : sizes.slide // 256]
-    coords = np.stack([xs.ravel(), ys.ravel()], 1) * 256  # row by row, as tiling writes them
-    paths = {}
-    for name, rows in (("all", coords), ("e2e", coords[: sizes.e2e_patches or None])):
-        paths[name] = _project().write_coords_h5(
-            workdir / f"probe_{name}.h5", rows, patch_size=256, patch_level=0,
-            downsample=(1.0, 1.0), downsampled_level_dim=(sizes.slide,) * 2,
-            level_dim=(sizes.slide,) * 2, name="probe",
-        )  # fmt: skip
+    paths = {
+        name: _project().write_grid_coords_h5(
+            workdir / f"probe_{name}.h5", sizes.slide, name="probe", n_patches=n
+        )
+        for name, n in (("all", None), ("e2e", sizes.e2e_patches or None))
+    }
     jobs = [SlideJob(f"probe{i}", str(slide), str(paths["all"])) for i in range(sizes.copies)]
     return jobs, [SlideJob("probe_e2e", str(slide), str(paths["e2e"]))]
 

@@ -127,3 +127,13 @@ def out_of_range(name: str, value) -> str | None:
         return None
     shown = list(value) if isinstance(value, (tuple, list)) else value
     return f"--{name.replace('_', '-')} must be {rng.describe()}, got {shown}"
+
+
+def first_refusal(settings, names) -> str | None:
+    """:func:`out_of_range` of the first of `names` (attributes of `settings`) that is out of
+    its range, or None: the config checks raise it as their own error type."""
+    for name in names:
+        message = out_of_range(name, getattr(settings, name))
+        if message:
+            return message
+    return None

@@ -114,6 +114,21 @@ def write_coords_h5(
     return path
 
 
+def write_grid_coords_h5(
+    path: str | os.PathLike, slide_size: int, *, name: str, patch_size: int = 256,
+    n_patches: int | None = None,
+) -> Path:  # fmt: skip
+    """Every ``patch_size`` patch of a square slide at level 0, row by row as tiling writes
+    them (the first ``n_patches`` only, if given): coords for generated slides that need no
+    tissue mask (the doctor's probes, ``benchmarks/gpu_check.py``)."""
+    ys, xs = np.mgrid[0 : slide_size // patch_size, 0 : slide_size // patch_size]
+    coords = np.stack([xs.ravel(), ys.ravel()], 1) * patch_size
+    return write_coords_h5(
+        path, coords[:n_patches], patch_size=patch_size, patch_level=0, downsample=(1.0, 1.0),
+        downsampled_level_dim=(slide_size,) * 2, level_dim=(slide_size,) * 2, name=name,
+    )  # fmt: skip
+
+
 def read_coords_h5(path: str | os.PathLike) -> CoordsH5:
     """Read and validate a coords h5 (ours or CLAM's own)."""
     import h5py

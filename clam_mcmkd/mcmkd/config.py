@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..ranges import RANGES, out_of_range
+from ..ranges import RANGES, first_refusal
 from ..utils import ClamMcmkdError
 
 OBJECTIVES = ("mcmkd", "patch_kd")  # what is learnt: see objectives.py
@@ -141,10 +141,9 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"--targets must be one of {TARGETS}, got {cfg.targets!r}")
     if cfg.student_ckpt is not None:
         _check_student_ckpt(cfg)
-    for name in RANGED_FIELDS:  # the CLI's ranges, for Python callers too
-        message = out_of_range(name, getattr(cfg, name))
-        if message:
-            raise FinetuneError(message)
+    refusal = first_refusal(cfg, RANGED_FIELDS)  # the CLI's ranges, for Python callers too
+    if refusal:
+        raise FinetuneError(refusal)
     if cfg.mask_strategy not in MASK_STRATEGIES:
         raise FinetuneError(f"--mask-strategy must be one of {MASK_STRATEGIES}")
     if cfg.loss not in LOSSES:

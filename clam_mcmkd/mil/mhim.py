@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ranges import out_of_range
+from ..ranges import RANGES, first_refusal
 from ..utils import ClamMcmkdError
 from .data import bag_order
 from .nets import load_weights
@@ -167,15 +167,13 @@ class MhimTrainer:
         return {key: value / max(len(bags), 1) for key, value in totals.items()}
 
 
-MHIM_RANGED = ("mhim_mask_ratio", "mhim_mask_ratio_l", "mhim_mask_ratio_h", "mhim_mask_ratio_hr",
-               "mhim_momentum", "mhim_cl_alpha", "mhim_temp_t", "mhim_temp_s")  # fmt: skip
+MHIM_RANGED = tuple(name for name in RANGES if name.startswith("mhim_"))
 
 
 def check_mhim_config(cfg) -> None:
     """Bad MHIM settings fail before any data is read."""
     if cfg.mhim_student_init not in STUDENT_INITS:
         raise ClamMcmkdError(f"mhim_student_init must be one of {STUDENT_INITS}")
-    for name in MHIM_RANGED:  # the CLI's ranges (clam_mcmkd.ranges), for Python callers too
-        message = out_of_range(name, getattr(cfg, name))
-        if message:
-            raise ClamMcmkdError(message)
+    refusal = first_refusal(cfg, MHIM_RANGED)  # the CLI's ranges, for Python callers too
+    if refusal:
+        raise ClamMcmkdError(refusal)
